@@ -1,0 +1,221 @@
+"""Skeletons that stack masked blocks into a classifier: the supernet and every derived net.
+
+Layout (DSO-NAS Fig. 3): stem -> S stages of B blocks, a ReductionBlock (stride 2, channels doubled)
+between stages -> ReLU -> global average pool -> dropout -> dense.
+
+* cifar stem: 3x3 conv + BN to `filters` channels, stride 1. The stem outputs exactly the stage-1 block
+  width (not 3x as DARTS-style stems do) because a block's residual needs input width = block width.
+* imagenet stem: 3x3 conv stride 2 (filters/2 channels) + BN + ReLU, 3x3 conv stride 2 (filters) + BN:
+  224x224 inputs reach stage 1 at 56x56, then 28, 14, 7 for the paper's four stages (2, 2, 13, 6).
+* width_mult scales every stage's channel count; when it is not 1 the result is rounded to a multiple
+  of 8 (at least 8), the granularity vectorised CPU kernels like.
+* λ Parameters (searchable nets) live on the network, initialised to 1, and are passed to the blocks:
+  `share` registers one set for all blocks, `full` one set per block.
+* aux=True adds an auxiliary classifier (ReLU, 1x1 conv 128 + BN + ReLU, global pool, dense) after the
+  second-to-last stage; the net then ALWAYS returns (logits, aux_logits), in training and inference alike,
+  because a hybridized graph has a fixed number of outputs (evaluation uses out[0]).
+"""
+
+import mxnet as mx
+from mxnet.gluon import nn
+
+from dsonas.block import MaskedBlock, ReductionBlock
+from dsonas.errors import ConfigError
+from dsonas.genotype import BlockMask
+from dsonas.space import BlockSpec, Skeleton
+
+IMPLEMENTED_SKELETONS = ("cifar", "imagenet")
+
+
+def scale_channels(channels, width_mult):
+    """channels x width_mult, rounded to a multiple of 8 (min 8); exactly `channels` at width_mult 1."""
+    if width_mult == 1.0:
+        return channels
+    return max(8, int(round(channels * width_mult / 8.0)) * 8)
+
+
+def _stem(kind, channels, bn_scale):
+    stem = nn.HybridSequential(prefix="stem_")
+    with stem.name_scope():
+        if kind == "cifar":
+            stem.add(nn.Conv2D(channels, 3, padding=1, use_bias=False, in_channels=3),
+                     nn.BatchNorm(scale=bn_scale, in_channels=channels))
+        else:
+            half = max(8, channels // 2)
+            stem.add(nn.Conv2D(half, 3, strides=2, padding=1, use_bias=False, in_channels=3),
+                     nn.BatchNorm(scale=bn_scale, in_channels=half), nn.Activation("relu"),
+                     nn.Conv2D(channels, 3, strides=2, padding=1, use_bias=False, in_channels=half),
+                     nn.BatchNorm(scale=bn_scale, in_channels=channels))
+    return stem
+
+
+def _aux_head(channels, num_classes, bn_scale):
+    head = nn.HybridSequential(prefix="aux_")
+    with head.name_scope():
+        head.add(nn.Activation("relu"), nn.Conv2D(128, 1, use_bias=False, in_channels=channels),
+                 nn.BatchNorm(scale=bn_scale, in_channels=128), nn.Activation("relu"),
+                 nn.GlobalAvgPool2D(), nn.Dense(num_classes, in_units=128))
+    return head
+
+
+class DsoNet(nn.HybridBlock):
+    """A DSO-NAS network: `searchable` = supernet with λ (search), else a derived net (retrain/export).
+
+    masks: one BlockMask per block (a `share` net repeats the same mask). `shared` decides how λ are
+    owned (one set for all blocks vs one per block) and is recorded in derived genotypes.
+    """
+
+    def __init__(self, skeleton, spec, masks, searchable, shared, width_mult=1.0, bn_scale=True, dropout=0.0,
+                 drop_path=0.0, aux=False, formulation="fast", prefix="dsonet_", **kwargs):
+        super().__init__(prefix=prefix, **kwargs)
+        if skeleton.kind not in IMPLEMENTED_SKELETONS:
+            raise ConfigError(f"skeleton.kind: {skeleton.kind!r} is not implemented yet; use one of "
+                              f"{', '.join(IMPLEMENTED_SKELETONS)}")
+        masks = list(masks)
+        if len(masks) != skeleton.num_blocks:
+            raise ValueError(f"expected {skeleton.num_blocks} masks (one per block), got {len(masks)}")
+        if aux and len(skeleton.stages) < 2:
+            raise ConfigError("retrain.aux_weight: the auxiliary head needs at least 2 stages; set it to 0")
+        self.skeleton, self.spec = skeleton, spec
+        self.searchable, self.shared, self.aux = searchable, shared, aux
+        self.width_mult = width_mult
+        widths = [scale_channels(skeleton.filters * 2 ** s, width_mult) for s in range(len(skeleton.stages))]
+        self._lambda_names = []  # per block: attribute names of its λ, in spec.lambda_keys() order
+        self._layers = []        # forward order: (block index or None, child)
+        self._nulled = set()     # names of Parameters whose grad_req set_masks turned to 'null'
+        with self.name_scope():
+            self.stem = _stem(skeleton.kind, widths[0], bn_scale)
+            block = 0
+            for stage, count in enumerate(skeleton.stages):
+                if stage > 0:
+                    reduce = ReductionBlock(widths[stage - 1], widths[stage], bn_scale,
+                                            prefix=f"reduce{stage}_")
+                    self.register_child(reduce, f"reduce{stage}")
+                    self._layers.append((None, reduce))
+                for _ in range(count):
+                    cell = MaskedBlock(spec, widths[stage], masks[block], searchable, bn_scale, formulation,
+                                       drop_path, prefix=f"cell{block}_")
+                    self.register_child(cell, f"cell{block}")
+                    self._layers.append((block, cell))
+                    if searchable:
+                        self._lambda_names.append(self._register_lambdas(block))
+                    block += 1
+                if aux and stage == len(skeleton.stages) - 2:
+                    self.aux_head = _aux_head(widths[stage], skeleton.num_classes, bn_scale)
+                    self._aux_after = block - 1
+            self.pool = nn.GlobalAvgPool2D()
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+            self.classifier = nn.Dense(skeleton.num_classes, in_units=widths[-1], prefix="classifier_")
+        self._blocks = [child for b, child in self._layers if b is not None]
+        if searchable:
+            self._sync_grad_reqs()
+
+    def _register_lambdas(self, block):
+        owner = "" if self.shared else str(block)
+        names = []
+        for key, shape in self.spec.lambda_shapes().items():
+            name = f"lam{owner}_{key}"
+            if not hasattr(self, name):
+                setattr(self, name, self.params.get(name, shape=shape, init=mx.init.One(), grad_req="write",
+                                                    wd_mult=0.0))
+            names.append(name)
+        return names
+
+    @property
+    def num_blocks(self):
+        return len(self._blocks)
+
+    @property
+    def masks(self):
+        return [cell.mask for cell in self._blocks]
+
+    def hybrid_forward(self, F, x, **lams):
+        h = self.stem(x)
+        aux_logits = None
+        for block, layer in self._layers:
+            if block is None:
+                h = layer(h)
+                continue
+            h = layer(h, *[lams[name] for name in self._lambda_names[block]]) if self.searchable else layer(h)
+            if self.aux and block == self._aux_after:
+                aux_logits = self.aux_head(h)
+        h = self.pool(F.Activation(h, act_type="relu"))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        logits = self.classifier(h)
+        return (logits, aux_logits) if self.aux else logits
+
+    def lambda_params(self):
+        """The λ Parameters (one set if shared, one per block if full); empty for a derived net."""
+        names = dict.fromkeys(name for names in self._lambda_names for name in names)
+        return [getattr(self, name) for name in names]
+
+    def weight_params(self):
+        """Every other Parameter (including ones a pruned mask no longer uses: their grad_req is 'null')."""
+        lam = {p.name for p in self.lambda_params()}
+        return [p for p in self.collect_params().values() if p.name not in lam]
+
+    def block_lambda_names(self, block):
+        """{λ key: Parameter name} of block `block` (the same names for every block of a share net)."""
+        return {key: getattr(self, name).name
+                for key, name in zip(self.spec.lambda_keys(), self._lambda_names[block], strict=True)}
+
+    def lambdas_numpy(self):
+        """Per block, {λ key: np.ndarray} (a share net returns the same arrays for every block)."""
+        values = {name: getattr(self, name).data().asnumpy()
+                  for name in dict.fromkeys(n for names in self._lambda_names for n in names)}
+        return [{key: values[name] for key, name in zip(self.spec.lambda_keys(), names, strict=True)}
+                for names in self._lambda_names]
+
+    def set_masks(self, masks):
+        """Shrink the supernet to `masks` (one per block) in place, keeping every Parameter object.
+
+        Pruned ops and λ leave the traced graph; their grad_req becomes 'null' so a gluon.Trainer built on
+        weight_params()/lambda_params() skips them (no stale-gradient error, no weight decay on dead
+        weights). The cached graph is cleared: the next call re-traces with the same hybridize flags.
+        """
+        masks = list(masks)
+        if len(masks) != self.num_blocks:
+            raise ValueError(f"expected {self.num_blocks} masks (one per block), got {len(masks)}")
+        if self.shared and len(set(masks)) > 1:
+            raise ValueError("a share net takes the same mask for every block")
+        for cell, mask in zip(self._blocks, masks, strict=True):
+            cell.set_mask(mask)
+        self._clear_cached_op()
+        self._sync_grad_reqs()
+
+    def set_drop_path(self, prob):
+        """Change the drop-path probability (e.g. a schedule growing it over epochs); clears the graph."""
+        for cell in self._blocks:
+            cell.drop_path = prob
+        self._clear_cached_op()
+
+    def _sync_grad_reqs(self):
+        """grad_req 'null' for Parameters outside the current graph, 'write' again for those back in it."""
+        out = self(mx.sym.var("data"))
+        used = set((mx.sym.Group(list(out)) if isinstance(out, tuple) else out).list_inputs())
+        for param in self.collect_params().values():
+            if param.name not in used and param.grad_req != "null":
+                param.grad_req = "null"
+                self._nulled.add(param.name)
+            elif param.name in used and param.name in self._nulled:
+                param.grad_req = "write"
+                self._nulled.discard(param.name)
+
+
+def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation="fast"):
+    """The fully connected searchable net of a config (BN scale fixed to 1, λ = 1)."""
+    spec = BlockSpec.from_config(space_cfg)
+    skeleton = Skeleton.from_config(skeleton_cfg, num_classes, input_size)
+    if space_cfg.kind not in ("share", "full"):
+        raise ConfigError(f"space.kind: {space_cfg.kind!r} is not implemented yet; use share or full")
+    masks = [BlockMask.full(spec)] * skeleton.num_blocks
+    return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind == "share", bn_scale=False,
+                  formulation=formulation)
+
+
+def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False):
+    """The derived net of a genotype, for retraining from scratch (BN scale learnable, no λ)."""
+    return DsoNet(genotype.skeleton, genotype.spec, genotype.block_masks(), searchable=False,
+                  shared=genotype.shared, width_mult=width_mult, bn_scale=True, dropout=dropout,
+                  drop_path=drop_path, aux=aux)

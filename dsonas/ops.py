@@ -1,0 +1,79 @@
+"""Candidate operations of a block: stride 1, channel count kept, Conv-BN-ReLU order.
+
+Every op that transforms its input ends in BatchNorm + ReLU, so the outputs of convolutions and poolings
+have comparable scales when λ weighs them against each other. Convolutions have no bias (BN follows).
+During pretrain and search BN is built with ``scale=False`` (γ_BN fixed to 1) so BN cannot undo λ.
+ReLU is ``Activation(act_type='relu')``, measurably faster than ``F.relu`` on MXNet 1.9 CPUs.
+"""
+
+from mxnet.gluon import nn
+
+from dsonas.space import KNOWN_OPS
+
+
+def bn_relu(channels, bn_scale):
+    """BatchNorm + ReLU as a list of layers, the tail of every op."""
+    return [nn.BatchNorm(scale=bn_scale, in_channels=channels), nn.Activation("relu")]
+
+
+def _sequential(layers):
+    seq = nn.HybridSequential(prefix="")
+    with seq.name_scope():
+        seq.add(*layers)
+    return seq
+
+
+def sep_conv(channels, kernel, bn_scale, repeats):
+    """(depthwise kxk -> pointwise 1x1 -> BN -> ReLU) x repeats."""
+    layers = []
+    for _ in range(repeats):
+        layers += [
+            nn.Conv2D(channels, kernel, padding=kernel // 2, groups=channels, use_bias=False,
+                      in_channels=channels),
+            nn.Conv2D(channels, 1, use_bias=False, in_channels=channels),
+            *bn_relu(channels, bn_scale),
+        ]
+    return _sequential(layers)
+
+
+def pool(kind, bn_scale, channels):
+    """3x3 stride-1 pooling + BN + ReLU; average pooling ignores the zero padding at the borders."""
+    if kind == "avg":
+        layer = nn.AvgPool2D(3, strides=1, padding=1, count_include_pad=False)
+    else:
+        layer = nn.MaxPool2D(3, strides=1, padding=1)
+    return _sequential([layer, *bn_relu(channels, bn_scale)])
+
+
+def conv_1x1(channels, bn_scale):
+    return _sequential([nn.Conv2D(channels, 1, use_bias=False, in_channels=channels),
+                        *bn_relu(channels, bn_scale)])
+
+
+class Identity(nn.HybridBlock):
+    """Pass-through (ShuffleNASNet's `identity` op)."""
+
+    def hybrid_forward(self, F, x):
+        return x
+
+
+# name -> factory(channels, bn_scale, sep_repeats) -> HybridBlock
+OPS = {
+    "sep_conv_3x3": lambda c, bn_scale, sep_repeats: sep_conv(c, 3, bn_scale, sep_repeats),
+    "sep_conv_5x5": lambda c, bn_scale, sep_repeats: sep_conv(c, 5, bn_scale, sep_repeats),
+    "avg_pool_3x3": lambda c, bn_scale, sep_repeats: pool("avg", bn_scale, c),
+    "max_pool_3x3": lambda c, bn_scale, sep_repeats: pool("max", bn_scale, c),
+    "identity": lambda c, bn_scale, sep_repeats: Identity(),
+    "conv_1x1": lambda c, bn_scale, sep_repeats: conv_1x1(c, bn_scale),
+}
+assert set(OPS) == set(KNOWN_OPS), "dsonas.space.KNOWN_OPS and dsonas.ops.OPS must list the same ops"
+
+
+def make_op(name, channels, bn_scale, sep_repeats, prefix):
+    """Build op `name` under the parameter-name prefix `prefix` (stable names let a rebuilt block reuse
+    the same Parameters)."""
+    op = OPS[name](channels, bn_scale, sep_repeats)
+    wrapper = nn.HybridSequential(prefix=prefix)
+    with wrapper.name_scope():
+        wrapper.add(op)
+    return wrapper
