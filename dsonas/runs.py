@@ -6,7 +6,8 @@
     runs/<name>/checkpoints/     <stage>.ckpt files, written by the engine
     runs/<name>/*.json           genotype, reports ... (save_json, atomic)
 
-An existing run is never overwritten by accident: `create` refuses a non-empty folder unless the caller
+An existing run is never overwritten by accident: `create` refuses a folder holding results (metrics,
+checkpoints, anything beyond the config and the log of a run that failed at start-up) unless the caller
 asks to resume it (the config must be compatible) or to start over (`force`, which moves the old folder
 aside and only then deletes it, so a crash never leaves half a run).
 """
@@ -48,7 +49,7 @@ class RunDir:
         path = Path(out) / name
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"{path} exists and is not a folder; pick another --name or --out")
-        busy = path.is_dir() and any(path.iterdir())
+        busy = path.is_dir() and _has_results(path)
         if resume:
             if not (path / "config.yaml").is_file():
                 raise RunFolderError(f"nothing to resume in {path} (no config.yaml); drop --resume to start "
@@ -107,6 +108,19 @@ class RunDir:
         path = self.path / name
         atomic_write_json(path, obj)
         return path
+
+
+def _has_results(path):
+    """Whether a folder holds anything to lose. A run that stopped before its first metrics line or
+    checkpoint (bad data path, typo in a flag) left only config.yaml, log.txt and an empty checkpoints/:
+    starting it again must not need --force."""
+    for entry in path.iterdir():
+        if entry.name in ("config.yaml", "log.txt"):
+            continue
+        if entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return True
+    return False
 
 
 def _json_default(value):

@@ -43,6 +43,15 @@ def test_existing_run_is_refused(tmp_path, cfg_dict):
     RunDir.create(out=tmp_path, name="empty", config_dict=cfg_dict)
 
 
+def test_run_that_failed_at_start_can_be_started_again(tmp_path, cfg_dict):
+    RunDir.create(out=tmp_path, name="r", config_dict=cfg_dict)      # e.g. the data path was wrong
+    changed = config_to_dict(Config())
+    changed["data"]["root"] = "/data/fixed"
+    run = RunDir.create(out=tmp_path, name="r", config_dict=changed)
+    assert yaml.safe_load((run.path / "config.yaml").read_text())["data"]["root"] == "/data/fixed"
+    assert (run.path / "log.txt").read_text().count("started run") == 2
+
+
 def test_resume_keeps_the_run(tmp_path, cfg_dict):
     with pytest.raises(RunFolderError, match="nothing to resume"):
         RunDir.create(out=tmp_path, name="r", config_dict=cfg_dict, resume=True)

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 # Tools also work from a plain checkout (no `pip install -e .`): the package sits next to tools/.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -59,9 +61,16 @@ def check_python():
                           f"python3.11")
 
 
+class TqdmLogHandler(logging.Handler):
+    """Log lines printed through tqdm.write, so they do not tear the progress bars apart."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 def run_tool(main):
     """Run a tool's main(): a DsonasError becomes one line "error: <msg>" and exit code 2, Ctrl-C exit 130."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[TqdmLogHandler()])
     try:
         check_python()
         code = main()
