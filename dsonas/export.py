@@ -18,9 +18,12 @@ which runtimes then reject or misread; we re-stamp opset 13 with its matching IR
 weights out of the graph inputs so runtimes may constant-fold them. The batch dimension is dynamic.
 """
 
+import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import mxnet as mx
@@ -97,8 +100,7 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
         tmp_prefix = os.path.join(tmp, base)
         net.export(tmp_prefix, epoch=0)
         names = {"symbol": f"{base}-symbol.json", "params": f"{base}-0000.params"}
-        reloaded = mx.gluon.SymbolBlock.imports(os.path.join(tmp, names["symbol"]), [INPUT_NAME],
-                                                os.path.join(tmp, names["params"]), ctx=ctx)
+        reloaded = load_exported(os.path.join(tmp, names["symbol"]), os.path.join(tmp, names["params"]), ctx)
         diff = _check(ref, reloaded(x).asnumpy(), "reloaded MXNet symbol")
         log(f"reload check: max abs diff {diff:.3g} (SymbolBlock.imports vs Gluon net)")
         onnx_diff = None
@@ -129,6 +131,23 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
                         cost.params, cost.macs)
 
 
+def add_meta(meta_file, **fields):
+    """Add fields (e.g. the reloaded model's test accuracy) to PREFIX.json, atomically."""
+    with open(meta_file, encoding="utf-8") as f:
+        info = json.load(f)
+    info.update(fields)
+    atomic_write_json(meta_file, info)
+
+
+def load_exported(symbol_file, params_file, ctx=None):
+    """The exported model as a Gluon SymbolBlock, as a deployment would load it."""
+    with warnings.catch_warnings():
+        # imports() warns that it cannot infer the input's dtype before the first call: expected, float32.
+        warnings.filterwarnings("ignore", message=".*Cannot decide type for the following arguments")
+        return mx.gluon.SymbolBlock.imports(str(symbol_file), [INPUT_NAME], str(params_file),
+                                            ctx=ctx or mx.cpu())
+
+
 def _check(ref, out, what):
     """Max abs difference of `out` from `ref`; beyond float32 noise (relative to the logits) is an error."""
     if out.shape != ref.shape:
@@ -144,8 +163,14 @@ def _check(ref, out, what):
 def _write_onnx(symbol_file, params_file, input_shape, path):
     import onnx
 
-    mx.onnx.export_model(symbol_file, params_file, [input_shape], [np.float32], path,
-                         dynamic=True, dynamic_input_shapes=[(None, *input_shape[1:])])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # mx.onnx narrates every step at INFO on the root logger
+    try:
+        mx.onnx.export_model(symbol_file, params_file, [input_shape], [np.float32], path,
+                             dynamic=True, dynamic_input_shapes=[(None, *input_shape[1:])])
+    finally:
+        root.setLevel(level)
     model = onnx.load(path)
     opset = onnx.helper.make_opsetid("", ONNX_OPSET)
     del model.opset_import[:]

@@ -1,0 +1,310 @@
+"""Retrain a derived architecture from scratch with the paper's recipe, and evaluate retrained weights.
+
+Recipe (cfg.retrain; DSO-NAS §4, after NASNet/DARTS): NAG with weight decay, a per-iteration lr schedule
+(`dsonas.schedule`: SGDR warm restarts for CIFAR, linear decay for ImageNet), cutout (`data.Cutout`),
+dropout before the classifier, drop-path on the blocks' op outputs grown linearly from 0 to
+retrain.drop_path over the epochs (as NASNet/ENAS/DARTS schedule it; set once per epoch because the rate
+is a constant of the traced graph), an auxiliary head after the second-to-last stage whose loss is added
+with weight retrain.aux_weight, and label smoothing. BatchNorm scale is learnable again
+(`compile_genotype`). A global width multiplier scales every stage, from the config or solved for a
+FLOPs/params/latency budget (`width_for_budget`).
+
+MXNet/GluonCV pieces used as they are: `gluon.Trainer` + kvstore for several devices, the "nag"
+optimizer, GluonCV's cosine/linear schedulers, `SoftmaxCrossEntropyLoss(sparse_label=False)` fed smoothed
+one-hot targets (GluonCV has no label-smoothing loss: its scripts smooth inline). The epoch loop reuses
+`dsonas.loop` and `dsonas.checkpoint` from the search engine, so a resumed retrain continues the schedule
+exactly: the checkpoint carries the pickled optimizer (lr scheduler and update count included) and every
+epoch re-seeds from (seed, "retrain", epoch).
+
+The run folder keeps `best.params` (best test accuracy) and `last.params` (Gluon `save_parameters`
+format, for `--eval-only` and export), `checkpoints/retrain.ckpt` (resume), `genotype.json`,
+`metrics.jsonl` and `retrain.json` (the summary, including the width multiplier the params need).
+"""
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from dsonas import cost
+from dsonas.checkpoint import load_checkpoint, named_parameters, read_meta, reseed, save_checkpoint
+from dsonas.data import make_datasets, make_loaders
+from dsonas.errors import BudgetError, GenotypeError, RunFolderError
+from dsonas.genotype import Genotype
+from dsonas.loop import (
+    SYNC_EVERY,
+    Meter,
+    check_batch_size,
+    check_finite,
+    evaluate,
+    make_trainer,
+    progress,
+    split_batch,
+)
+from dsonas.network import compile_genotype
+from dsonas.schedule import make_schedule
+
+SUMMARY = "retrain.json"
+STAGE = "retrain"
+LR_KEYS = ["retrain.lr_max"]
+# Budget name -> (cost.solve_width_mult metric, factor from the user's unit to that metric's unit).
+BUDGETS = {"flops": ("macs", 0.5), "params": ("params", 1.0), "latency": ("latency", 1.0)}
+
+
+@dataclass
+class RetrainResult:
+    best_acc: float
+    best_epoch: int
+    last_acc: float
+    params: int  # of the deployable net (no aux head)
+    macs: int    # per image
+    width_mult: float
+    best_params: str
+    last_params: str
+    summary: dict
+
+
+class SmoothedCrossEntropy(gluon.loss.Loss):
+    """Cross-entropy against (1 - ε)·one_hot(y) + ε/C (label smoothing, Szegedy et al. 2016)."""
+
+    def __init__(self, num_classes, smoothing, **kwargs):
+        super().__init__(weight=None, batch_axis=0, **kwargs)
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.ce = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
+
+    def hybrid_forward(self, F, pred, label):
+        eps, c = self.smoothing, self.num_classes
+        target = F.one_hot(label, c, on_value=1.0 - eps + eps / c, off_value=eps / c)
+        return self.ce(pred, target)
+
+
+def training_loss(num_classes, smoothing):
+    """The training loss of the recipe: plain (sparse) cross-entropy unless label smoothing is on."""
+    if smoothing > 0:
+        return SmoothedCrossEntropy(num_classes, smoothing)
+    return gluon.loss.SoftmaxCrossEntropyLoss()
+
+
+def input_shape(genotype):
+    """(1, 3, S, S): one image at the resolution the genotype was searched for."""
+    size = genotype.skeleton.input_size
+    return (1, 3, size, size)
+
+
+def deploy_net(genotype, width_mult):
+    """The net as deployed and counted: no aux head, no dropout or drop-path (inference ignores them)."""
+    return compile_genotype(genotype, width_mult=width_mult)
+
+
+def width_for_budget(genotype, budget, target, ctx=None):
+    """Width multiplier whose deployable net meets `target` (flops, params, or latency in ms on `ctx`)."""
+    metric, factor = BUDGETS[budget]
+    try:
+        return cost.solve_width_mult(lambda w: deploy_net(genotype, w), target * factor, metric,
+                                     input_shape(genotype), ctx=ctx)
+    except BudgetError as e:
+        note = " (FLOPs = 2 x MACs)" if budget == "flops" else ""
+        raise BudgetError(f"--target-{budget} {target:g}{note}: {e}") from None
+
+
+def check_data_fits(genotype, bundle):
+    """The classifier is sized by the genotype: the data must have as many classes."""
+    if genotype.skeleton.num_classes != bundle.num_classes:
+        raise GenotypeError(f"the genotype's classifier has {genotype.skeleton.num_classes} classes but the "
+                            f"data has {bundle.num_classes}; retrain on the data it was searched on (--data)")
+
+
+def load_params(net, path, ctx_list, width_mult):
+    """Load a `best.params`/`last.params` file into a deployable net (the aux head's weights are skipped)."""
+    if not os.path.isfile(path):
+        raise GenotypeError(f"params file not found: {path}; pass the best.params written by retrain")
+    try:
+        net.load_parameters(str(path), ctx=ctx_list, ignore_extra=True)
+    except (AssertionError, mx.base.MXNetError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise GenotypeError(f"{path} does not fit this genotype at width multiplier {width_mult:g} "
+                            f"({first}); pass the genotype and --width-mult the params were trained with"
+                            ) from None
+
+
+def saved_width_mult(params_path):
+    """The width multiplier recorded by retrain beside a params file, or None if there is no record."""
+    summary = os.path.join(os.path.dirname(os.path.abspath(params_path)), SUMMARY)
+    try:
+        with open(summary, encoding="utf-8") as f:
+            return float(json.load(f)["width_mult"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def test_data(cfg, genotype=None):
+    """(test loader, DataBundle) of the configured data, checked against `genotype` when given."""
+    bundle = make_datasets(cfg.data)
+    if genotype is not None:
+        check_data_fits(genotype, bundle)
+    return make_loaders(bundle, cfg.data, seed=cfg.seed, split=False).test, bundle
+
+
+def evaluate_net(net, loader, ctx_list):
+    """(loss, accuracy) on `loader`; nets built with an aux head are scored on their main logits."""
+    forward = (lambda x: net(x)[0]) if getattr(net, "aux", False) else net
+    return evaluate(forward, gluon.loss.SoftmaxCrossEntropyLoss(), loader, ctx_list)
+
+
+def evaluate_params(cfg, genotype, params_path, width_mult, ctx_list):
+    """Test loss/accuracy and costs of retrained weights, without a run folder (`--eval-only`)."""
+    loader, _ = test_data(cfg, genotype)
+    net = deploy_net(genotype, width_mult)
+    load_params(net, params_path, ctx_list, width_mult)
+    net.hybridize(static_alloc=True)
+    loss, acc = evaluate_net(net, loader, ctx_list)
+    report = cost.count(net, input_shape(genotype))
+    return {"test_loss": loss, "test_acc": acc, "params": report.params, "macs": report.macs,
+            "width_mult": width_mult}
+
+
+def _save_params(net, path):
+    """`net.save_parameters` into a temp file then rename: a crash never leaves half a params file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".params")
+    os.close(fd)
+    try:
+        net.save_parameters(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _train_step(net, loss_fn, aux_weight, trainer, xs, ys, meter):
+    """Forward/backward on every device slice with the aux loss added; one trainer step for the batch."""
+    with autograd.record():
+        outputs = [net(x) for x in xs]
+        logits = [out[0] if net.aux else out for out in outputs]
+        losses = [loss_fn(out, y) for out, y in zip(logits, ys, strict=True)]
+        if net.aux:
+            losses = [loss + aux_weight * loss_fn(out[1], y) for loss, out, y in zip(losses, outputs, ys,
+                                                                                    strict=True)]
+    autograd.backward(losses)
+    trainer.step(sum(x.shape[0] for x in xs))
+    meter.update(losses, logits, ys)
+
+
+def _check_genotype(run_dir, genotype):
+    """A resumed run must retrain the genotype it started with; a new one records it."""
+    path = run_dir.path / "genotype.json"
+    if path.exists():
+        if Genotype.load(path).to_dict() != genotype.to_dict():
+            raise RunFolderError(f"{run_dir.path} was retraining another genotype ({path}); pass that one "
+                                 f"to --resume, or start a new run with --name/--force")
+    else:
+        genotype.save(path)
+
+
+def _train_epoch(net, loader, loss_fn, aux_weight, trainer, ctx_list, epoch, epochs, state):
+    """One pass over `loader`; returns (mean loss, accuracy) of the training objective."""
+    meter = Meter()
+    with progress(len(loader), f"retrain {epoch + 1}/{epochs}") as bar:
+        for step, batch in enumerate(loader):
+            xs, ys = split_batch(batch, ctx_list)
+            _train_step(net, loss_fn, aux_weight, trainer, xs, ys, meter)
+            state["iteration"] += 1
+            if (step + 1) % SYNC_EVERY == 0:
+                loss, acc = meter.read()
+                check_finite(loss, STAGE, epoch, state["iteration"], LR_KEYS)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{trainer.learning_rate:.4g}",
+                                refresh=False)
+            bar.update(1)
+    loss, acc = meter.read()
+    check_finite(loss, STAGE, epoch, state["iteration"], LR_KEYS)
+    return loss, acc
+
+
+def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, resume=False, log=None):
+    """Train `genotype`'s net from scratch with cfg.retrain in `run_dir` (a RunDir); returns RetrainResult.
+
+    width_mult: None = cfg.retrain.width_mult. With `resume`, continue from checkpoints/retrain.ckpt (the
+    width the run started with wins). Evaluates on the test split after every epoch.
+    """
+    r = cfg.retrain
+    log = log or run_dir.log
+    ckpt = run_dir.checkpoint_path(STAGE)
+    meta = read_meta(ckpt) if resume else None
+    width_mult = meta["width_mult"] if meta else (width_mult if width_mult is not None else r.width_mult)
+    check_batch_size(r.batch_size, ctx_list, "retrain.batch_size")
+    _check_genotype(run_dir, genotype)
+
+    bundle = make_datasets(cfg.data)
+    check_data_fits(genotype, bundle)
+    loaders = make_loaders(bundle, replace(cfg.data, batch_size=r.batch_size, cutout=r.cutout),
+                           seed=cfg.seed, split=False)
+    reseed(cfg.seed, "init", 0)
+    net = compile_genotype(genotype, width_mult=width_mult, dropout=r.dropout, aux=r.aux_weight > 0)
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2), ctx=ctx_list)
+    net.hybridize(static_alloc=True, static_shape=True)
+    params = named_parameters(net)
+    deployed = cost.count(deploy_net(genotype, width_mult), input_shape(genotype))
+    trainer = make_trainer(list(net.collect_params().values()), "nag",
+                           {"lr_scheduler": make_schedule(r, len(loaders.train)), "momentum": r.momentum,
+                            "wd": r.wd}, kvstore=kvstore or cfg.runtime.kvstore)
+    loss_fn = training_loss(bundle.num_classes, r.label_smoothing)
+
+    state = {"epoch": 0, "iteration": 0, "best_acc": -1.0, "best_epoch": 0, "last_acc": float("nan"),
+             "width_mult": width_mult}
+    if meta:
+        state.update(load_checkpoint(ckpt, params, {"w": trainer}))
+        log(f"retrain: resuming after epoch {state['epoch']}/{r.epochs} at width multiplier {width_mult:g}")
+    else:
+        log(f"retrain: {deployed.params / 1e6:.3f}M params, {deployed.macs / 1e6:.2f}M MACs at width "
+            f"multiplier {width_mult:g}, {r.epochs} epochs of {len(loaders.train)} iterations")
+    best_path, last_path = run_dir.path / "best.params", run_dir.path / "last.params"
+
+    def write_summary():
+        """retrain.json, rewritten every epoch: it always describes the params files beside it."""
+        summary = {
+            "genotype": str(run_dir.path / "genotype.json"), "width_mult": width_mult,
+            "epochs_done": state["epoch"], "epochs": r.epochs, "best_acc": state["best_acc"],
+            "best_epoch": state["best_epoch"], "last_acc": state["last_acc"], "params": deployed.params,
+            "macs": deployed.macs, "flops": deployed.flops, "input_shape": list(input_shape(genotype)),
+            "best_params": str(best_path), "last_params": str(last_path)}
+        run_dir.save_json(SUMMARY, summary)
+        return summary
+
+    write_summary()
+    for epoch in range(state["epoch"], r.epochs):
+        reseed(cfg.seed, STAGE, epoch)
+        began = time.perf_counter()
+        drop_path = r.drop_path * epoch / r.epochs
+        if r.drop_path > 0:
+            net.set_drop_path(drop_path)
+        train_loss, train_acc = _train_epoch(net, loaders.train, loss_fn, r.aux_weight, trainer, ctx_list,
+                                             epoch, r.epochs, state)
+        test_loss, test_acc = evaluate_net(net, loaders.test, ctx_list)
+        state.update(epoch=epoch + 1, last_acc=test_acc)
+        if test_acc > state["best_acc"]:
+            state.update(best_acc=test_acc, best_epoch=epoch + 1)
+            _save_params(net, best_path)
+        _save_params(net, last_path)
+        save_checkpoint(ckpt, params, {"w": trainer}, {"stage": STAGE, **state})
+        write_summary()
+        seconds = time.perf_counter() - began
+        run_dir.write_metrics({
+            "stage": STAGE, "epoch": epoch + 1, "epochs": r.epochs, "iteration": state["iteration"],
+            "lr": trainer.learning_rate, "drop_path": drop_path, "train_loss": train_loss,
+            "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "best_acc": state["best_acc"], "epoch_time": round(seconds, 3)})
+        log(f"retrain epoch {epoch + 1}/{r.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | test "
+            f"loss {test_loss:.4f} acc {test_acc:.4f} | best {state['best_acc']:.4f} (epoch "
+            f"{state['best_epoch']}) | lr {trainer.learning_rate:.4g} | {seconds:.1f} s")
+
+    summary = write_summary()
+    return RetrainResult(best_acc=state["best_acc"], best_epoch=state["best_epoch"],
+                         last_acc=state["last_acc"], params=deployed.params, macs=deployed.macs,
+                         width_mult=width_mult, best_params=str(best_path), last_params=str(last_path),
+                         summary=summary)

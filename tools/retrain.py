@@ -1,0 +1,94 @@
+"""Retrain a searched genotype from scratch with the config's retrain recipe, or evaluate trained weights.
+
+    python tools/retrain.py --genotype runs/default/genotype.json --width-mult 1.0
+    python tools/retrain.py --genotype runs/default/genotype.json --target-flops 20M
+    python tools/retrain.py --genotype runs/default/genotype.json --eval-only \
+        --params runs/default-retrain/best.params
+
+The run folder is runs/<name>-retrain unless --name is given (the search run keeps its own folder).
+"""
+
+import argparse
+
+from common import add_common_args, resolve_config, run_tool, setup_threads
+
+_SUFFIXES = {"k": 1e3, "M": 1e6, "G": 1e9}
+
+
+def amount(text):
+    """'300M', '1.5G', '450k' or a plain number -> float."""
+    scale = _SUFFIXES.get(text[-1:], 1.0)
+    try:
+        value = float(text[:-1] if text[-1:] in _SUFFIXES else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 300M, 1.5G or 450k, got {text!r}"
+                                         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value * scale
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--genotype", required=True, metavar="JSON", help="genotype.json written by search")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--width-mult", type=float, metavar="W",
+                       help="global width multiplier (default: retrain.width_mult, or the one recorded "
+                            "beside --params for --eval-only)")
+    width.add_argument("--target-flops", type=amount, metavar="N",
+                       help="solve the width for N FLOPs (2 x MACs), e.g. 20M")
+    width.add_argument("--target-params", type=amount, metavar="N", help="solve the width for N parameters")
+    width.add_argument("--target-latency", type=amount, metavar="MS",
+                       help="solve the width for a forward latency of MS milliseconds (batch 1, first --ctx)")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate --params on the test set")
+    p.add_argument("--params", metavar="FILE", help="trained weights (best.params) for --eval-only")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    if args.eval_only != (args.params is not None):
+        p.error("--eval-only and --params go together")
+    if args.eval_only and args.width_mult is None and any(
+            v is not None for v in (args.target_flops, args.target_params, args.target_latency)):
+        p.error("--eval-only takes --width-mult, not a budget target")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    setup_threads(cfg.runtime.threads)
+    from dsonas import retrain as rt  # imports mxnet
+    from dsonas.config import config_to_dict
+    from dsonas.engine import contexts
+    from dsonas.genotype import Genotype
+    from dsonas.runs import RunDir
+
+    genotype = Genotype.load(args.genotype)
+    ctx_list = contexts(cfg.runtime.ctx)
+    if args.eval_only:
+        width = args.width_mult or rt.saved_width_mult(args.params) or cfg.retrain.width_mult
+        res = rt.evaluate_params(cfg, genotype, args.params, width, ctx_list)
+        print(f"test accuracy {res['test_acc']:.4f} (loss {res['test_loss']:.4f}) of {args.params}")
+        print(f"net: {res['params'] / 1e6:.4f}M params, {res['macs'] / 1e6:.3f}M MACs at width multiplier "
+              f"{width:g}")
+        return 0
+
+    width = args.width_mult
+    for budget in rt.BUDGETS:
+        target = getattr(args, f"target_{budget}")
+        if target is not None:
+            width = rt.width_for_budget(genotype, budget, target, ctx=ctx_list[0])
+            print(f"width multiplier {width:.4f} meets --target-{budget} {target:g}")
+    name = args.name or f"{cfg.name}-retrain"
+    run = RunDir.create(args.out, name, config_to_dict(cfg), resume=args.resume, force=args.force)
+    res = rt.retrain(cfg, genotype, run, ctx_list, width_mult=width, resume=args.resume)
+    print(f"test accuracy: best {res.best_acc:.4f} (epoch {res.best_epoch}), last {res.last_acc:.4f}")
+    print(f"net: {res.params / 1e6:.4f}M params, {res.macs / 1e6:.3f}M MACs "
+          f"({2 * res.macs / 1e6:.3f}M FLOPs) at width multiplier {res.width_mult:g}")
+    print(f"best params: {res.best_params}")
+    print(f"export: python tools/export_symbol.py --genotype {args.genotype} --params {res.best_params} "
+          f"--out {run.path / 'export' / 'model'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_tool(main)
