@@ -214,6 +214,167 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
                       uncounted_ops=frozenset(uncounted))
 
 
+# ------------------------------------------------------------------------------------ block-level costs
+# The search asks for the cost of the *derived* block a mask stands for (no λ, only live ops built), many
+# times as λ shrink; every figure is counted once on the real op/block classes and cached. Figures are at
+# batch 1.
+
+@functools.cache
+def _op_cost(op, channels, resolution, bn_scale, sep_repeats):
+    from dsonas.ops import OPS
+
+    r = count(OPS[op](channels, bn_scale, sep_repeats), (1, channels, resolution, resolution))
+    return {m: getattr(r, m) for m in METRICS}
+
+
+def op_costs(spec, channels, resolution, bn_scale=False):
+    """Per op slot cost of a block's candidate ops: metric -> array (spec.num_op_slots,).
+
+    Every op keeps channels and resolution, so a slot's cost depends only on its op (slot o runs
+    spec.ops[o % n_ops]); separable repeats come from `spec.sep_repeats`. What summing an op's inputs
+    and merging the outputs cost is in `block_cost`, `edge_cost` and `block_fixed_cost`.
+    """
+    per_op = [_op_cost(op, channels, resolution, bool(bn_scale), spec.sep_repeats) for op in spec.ops]
+    return {m: np.tile(np.array([c[m] for c in per_op], dtype=np.float64), spec.levels) for m in METRICS}
+
+
+@functools.cache
+def block_cost(spec, mask, channels, resolution, bn_scale=False):
+    """Exact cost (metric -> number) of the derived block `mask` describes: live ops, the sums feeding
+    them, the merge and the residual add. An identity block (nothing live) costs nothing."""
+    if mask.is_identity:
+        return dict.fromkeys(METRICS, 0)
+    from dsonas.block import MaskedBlock
+
+    block = MaskedBlock(spec, channels, mask, searchable=False, bn_scale=bn_scale)
+    r = count(block, (1, channels, resolution, resolution))
+    return {m: getattr(r, m) for m in METRICS}
+
+
+def _mask(spec, inputs):
+    """Mask with the given {slot: input nodes}, every listed slot feeding the merge."""
+    from dsonas.genotype import BlockMask
+
+    return BlockMask(inputs=tuple(inputs.get(o, ()) for o in range(spec.num_op_slots)),
+                     outputs=tuple(sorted(inputs)))
+
+
+def block_fixed_cost(spec, channels, resolution, n_outputs, bn_scale=False):
+    """Cost (metric -> number) of a block beyond its ops when `n_outputs` ops reach the merge: the merge
+    (concat + 1x1 conv over n maps, or their sum) and the residual add; 0 for an identity block.
+
+    Measured on the real block: one whose first `n_outputs` slots each read the block input and feed the
+    merge, minus those slots' op costs.
+    """
+    if n_outputs == 0:
+        return dict.fromkeys(METRICS, 0.0)
+    whole = block_cost(spec, _mask(spec, {o: (0,) for o in range(n_outputs)}), channels, resolution, bn_scale)
+    ops = op_costs(spec, channels, resolution, bn_scale)
+    return {m: float(whole[m] - ops[m][:n_outputs].sum()) for m in METRICS}
+
+
+def edge_cost(spec, channels, resolution, level, bn_scale=False):
+    """Average cost (metric -> number) of one more input edge into an op of `level` (>= 2): summing one
+    more map into its input. Measured on the real block as (all candidates - one candidate) / (K - 1)
+    for the first op of the level, every earlier op live."""
+    earlier = {o: (0,) for o in range((level - 1) * spec.n_ops)}
+    slot = (level - 1) * spec.n_ops
+    candidates = spec.candidate_inputs(slot)
+    one = block_cost(spec, _mask(spec, {**earlier, slot: (0,)}), channels, resolution, bn_scale)
+    full = block_cost(spec, _mask(spec, {**earlier, slot: candidates}), channels, resolution, bn_scale)
+    return {m: (full[m] - one[m]) / (len(candidates) - 1) for m in METRICS}
+
+
+def slot_costs(spec, channels, resolution, metric, bn_scale=False, latency_table=None):
+    """The per-op-slot split of a block's prunable cost in `metric` that `dsonas.penalty` consumes:
+    BlockCosts(op, edge, out), each an array (num_op_slots,).
+
+    op: the op itself; edge: each live input edge (0 on level 1, whose single input is free); out:
+    feeding the merge (average increment of `block_fixed_cost` per output). For "macs" the split is
+    exact: sum(op + edge·inputs + out over live slots) equals `block_cost` (sums add no MACs). For
+    "latency" only the measured op latencies exist, so edge and out are None.
+    """
+    from dsonas.penalty import BlockCosts
+
+    if metric == "latency":
+        if latency_table is None:
+            raise ValueError("slot_costs(metric='latency') needs a LatencyTable")
+        return BlockCosts(op=latency_table.op_costs(spec, channels, resolution, bn_scale))
+    n = spec.num_op_slots
+    edge = np.zeros(n)
+    for level in range(2, spec.levels + 1):
+        edge[list(spec.level_slots(level))] = edge_cost(spec, channels, resolution, level, bn_scale)[metric]
+    first = block_fixed_cost(spec, channels, resolution, 1, bn_scale)[metric]
+    last = block_fixed_cost(spec, channels, resolution, n, bn_scale)[metric]
+    out = np.full(n, (last - first) / (n - 1) if n > 1 else 0.0)
+    return BlockCosts(op=op_costs(spec, channels, resolution, bn_scale)[metric], edge=edge, out=out)
+
+
+def block_geometry(net, input_shape=None):
+    """(channels, resolution) at the input of every MaskedBlock of `net`, in forward order.
+
+    Read off a symbolic trace (a pre-hook records each block's input symbol, identity blocks included),
+    so the cost model never re-derives a skeleton's channel plan or width rounding. input_shape defaults
+    to one image at the net's skeleton.input_size.
+    """
+    import mxnet as mx
+
+    from dsonas.block import MaskedBlock
+
+    input_shape = input_shape or (1, 3, net.skeleton.input_size, net.skeleton.input_size)
+    blocks = []
+    net.apply(lambda b: blocks.append(b) if isinstance(b, MaskedBlock) else None)
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda blk, args: seen.append(args[0])) for b in blocks]
+    try:
+        to_symbol(net)
+    finally:
+        for h in hooks:
+            h.detach()
+    if not seen:
+        return []
+    _, shapes, _ = mx.sym.Group(seen).infer_shape(data=tuple(input_shape))
+    return [(int(s[1]), int(s[2])) for s in shapes]
+
+
+def network_block_costs(net, spec=None, masks=None, input_shape=None, bn_scale=False, latency_table=None):
+    """Per block cost of the derived blocks `masks` describe: metric -> array (num_blocks,).
+
+    net: a DsoNet (supernet or derived, any width) or a Skeleton (a derived net is built for its
+    geometry); only the channels and resolution of its blocks are read, so `masks` may be newer than
+    the graph the net was built with (during search). spec / masks default to the net's own. Metrics:
+    macs, mac, params (`block_cost`), plus "latency" (ms, summed over live ops) given a LatencyTable.
+    This is the FLOPs distribution across blocks (FLOPs = 2 x MACs) that reports plot.
+    """
+    from dsonas.space import Skeleton
+
+    if isinstance(net, Skeleton):
+        from dsonas.genotype import BlockMask
+        from dsonas.network import DsoNet
+
+        net = DsoNet(net, spec, [BlockMask.full(spec)] * net.num_blocks, searchable=False, shared=True)
+    spec = spec or net.spec
+    masks = list(masks) if masks is not None else net.masks
+    geometry = block_geometry(net, input_shape)
+    if len(geometry) != len(masks):
+        raise ValueError(f"{len(masks)} masks for a network with {len(geometry)} blocks")
+    out = {m: np.zeros(len(masks)) for m in METRICS + (("latency",) if latency_table is not None else ())}
+    for b, ((channels, resolution), mask) in enumerate(zip(geometry, masks, strict=True)):
+        for m, v in block_cost(spec, mask, channels, resolution, bn_scale).items():
+            out[m][b] = v
+        if latency_table is not None:
+            lat = latency_table.op_costs(spec, channels, resolution, bn_scale)
+            out["latency"][b] = lat[list(mask.live_slots())].sum()
+    return out
+
+
+def network_slot_costs(net, metric, input_shape=None, bn_scale=False, latency_table=None):
+    """One `slot_costs` BlockCosts per block of DsoNet `net`: the `costs` argument of
+    `dsonas.penalty.make_penalty` (metric = penalty.COST_METRIC[kind])."""
+    return [slot_costs(net.spec, channels, resolution, metric, bn_scale, latency_table)
+            for channels, resolution in block_geometry(net, input_shape)]
+
+
 # ---------------------------------------------------------------------------------------------- latency
 def device_name(ctx):
     """A string naming the hardware a latency was measured on (cache key): device, model, threads."""
@@ -390,3 +551,53 @@ def _fmt(value, metric):
         return f"{value:.3f} ms"
     unit = {"macs": "M MACs", "params": "M params", "mac": "M elements of memory access"}[metric]
     return f"{value / 1e6:.4g}{unit}"
+
+
+# ------------------------------------------------------------------------------------------- reporting
+def zoo_net(name):
+    """(net, default input side) of a GluonCV model-zoo model, built without downloading weights."""
+    from gluoncv.model_zoo import get_model
+
+    try:
+        net = get_model(name, pretrained=False)
+    except ValueError:
+        raise ConfigError(f"unknown GluonCV model {name!r}; see gluoncv.model_zoo.get_model_list() for the "
+                          "names, e.g. mobilenetv2_1.0, shufflenet_v2, resnet50_v1") from None
+    return net, 32 if name.startswith("cifar") else 224
+
+
+def genotype_net(path, width_mult=1.0):
+    """(derived net, skeleton input side) of a genotype file at `width_mult`."""
+    from dsonas.genotype import Genotype
+    from dsonas.network import compile_genotype
+
+    genotype = Genotype.load(path)
+    return compile_genotype(genotype, width_mult), genotype.skeleton.input_size
+
+
+def summarize(name, net, input_shape, latency_ctx=None, repeats=20):
+    """One model's row for `count_flops`: name, input_shape, params, macs, mac (+ latency_ms if timed)."""
+    r = count(net, input_shape)
+    row = {"name": name, "input_shape": list(r.input_shape), "params": r.params, "macs": r.macs, "mac": r.mac}
+    if latency_ctx is not None:
+        row["latency_ms"] = round(measure_latency(net, input_shape, latency_ctx, repeats), 4)
+    return row
+
+
+def format_table(rows):
+    """Side-by-side text table of `summarize` rows; FLOPs = 2 × MACs is printed next to MACs."""
+    timed = any("latency_ms" in r for r in rows)
+    head = ["name", "input", "params (M)", "MACs (M)", "FLOPs=2xMACs (M)", "MAC (M elem)"]
+    head += ["latency (ms)"] if timed else []
+    body = []
+    for r in rows:
+        cells = [r["name"], "x".join(map(str, r["input_shape"])), f"{r['params'] / 1e6:.3f}",
+                 f"{r['macs'] / 1e6:.2f}", f"{2 * r['macs'] / 1e6:.2f}", f"{r['mac'] / 1e6:.2f}"]
+        if timed:
+            cells.append(f"{r['latency_ms']:.3f}" if "latency_ms" in r else "-")
+        body.append(cells)
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

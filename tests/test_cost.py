@@ -13,6 +13,9 @@ from mxnet.gluon import nn
 
 from dsonas import cost
 from dsonas.errors import BudgetError, ConfigError
+from dsonas.genotype import BlockMask, Genotype, derive_mask
+from dsonas.network import DsoNet, compile_genotype
+from dsonas.space import BlockSpec, Skeleton
 
 
 def _init(net):
@@ -186,23 +189,88 @@ def test_measure_latency_positive():
     assert 0 < ms < 1000
 
 
-def test_latency_table_cache_roundtrip(tmp_path, monkeypatch):
-    pytest.importorskip("dsonas.ops")
-    from dsonas.space import BlockSpec
+# ------------------------------------------------------------------------------ block-level costs
+SPEC = BlockSpec(levels=3, ops=("sep_conv_3x3", "max_pool_3x3"), merge="concat")
+SKELETON = Skeleton("cifar", 8, (1, 2), 10, 16)
 
-    spec = BlockSpec(levels=2, ops=("sep_conv_3x3", "max_pool_3x3"), merge="concat")
+
+def _random_mask(spec, rng, zero_frac=0.4):
+    lams = {k: rng.uniform(0.5, 1, size=shape) * (rng.uniform(size=shape) > zero_frac)
+            for k, shape in spec.lambda_shapes().items()}
+    return derive_mask(spec, lams)
+
+
+def test_op_costs_hand_computed():
+    c, hw = 8, 36
+    costs = cost.op_costs(SPEC, c, 6)
+    assert costs["macs"].shape == (SPEC.num_op_slots,)
+    sep = {"macs": c * hw * 9 + c * c * hw,
+           "params": c * 9 + c * c + c,  # depthwise, pointwise, BN beta (BN scale fixed during search)
+           "mac": (2 * c * hw + c * 9) + (2 * c * hw + c * c) + (2 * c * hw + 4 * c) + 2 * c * hw}
+    pool = {"macs": 0, "params": c, "mac": 2 * c * hw + (2 * c * hw + 4 * c) + 2 * c * hw}
+    for m in cost.METRICS:
+        assert list(costs[m]) == [sep[m], pool[m]] * SPEC.levels
+
+
+def test_slot_costs_add_up_to_exact_block_macs():
+    """MACs of a derived block = Σ over live slots of op + edge·inputs + out (sums add no MACs)."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        mask = _random_mask(SPEC, rng)
+        split = cost.slot_costs(SPEC, 8, 6, "macs")
+        n_in = np.array([len(nodes) for nodes in mask.inputs], dtype=float)
+        is_out = np.isin(np.arange(SPEC.num_op_slots), mask.outputs).astype(float)
+        additive = split.slot_costs(n_in, is_out)[list(mask.live_slots())].sum()
+        assert additive == cost.block_cost(SPEC, mask, 8, 6)["macs"]
+    assert cost.block_fixed_cost(SPEC, 8, 6, 3)["macs"] == 3 * 8 * 8 * 36  # 1x1 conv over 3 maps
+
+
+def test_network_block_costs_match_the_counted_net():
+    rng = np.random.default_rng(1)
+    masks = [_random_mask(SPEC, rng) for _ in range(SKELETON.num_blocks - 1)] + [_identity(SPEC)]
+    net = DsoNet(SKELETON, SPEC, masks, searchable=False, shared=False, bn_scale=False)
+    assert cost.block_geometry(net) == [(8, 16), (16, 8), (16, 8)]  # identity block included
+    per_block = cost.network_block_costs(net)
+    whole = cost.count(net, (1, 3, 16, 16))
+    for b in range(SKELETON.num_blocks):
+        inside = whole.within(f"{net.prefix}cell{b}_")
+        for m in cost.METRICS:
+            assert per_block[m][b] == inside[m], (b, m)
+    assert per_block["macs"][-1] == 0
+    # A searchable supernet (and a bare skeleton) give the same geometry, so the same costs for new masks.
+    supernet = DsoNet(SKELETON, SPEC, [BlockMask.full(SPEC)] * 3, searchable=True, shared=True,
+                      bn_scale=False)
+    for other in (cost.network_block_costs(supernet, masks=masks),
+                  cost.network_block_costs(SKELETON, SPEC, masks)):
+        assert all(np.array_equal(other[m], per_block[m]) for m in cost.METRICS)
+    assert len(cost.network_slot_costs(supernet, "mac")) == 3
+
+
+def _identity(spec):
+    return BlockMask(inputs=((),) * spec.num_op_slots, outputs=())
+
+
+def test_solve_width_mult_on_a_genotype():
+    genotype = Genotype(skeleton=SKELETON, spec=SPEC, shared=True, masks=[BlockMask.full(SPEC)])
+    shape = (1, 3, 16, 16)
+    target = 1.01 * cost.count(compile_genotype(genotype, 2.0), shape).macs
+    w = cost.solve_width_mult(lambda w: compile_genotype(genotype, w), target, input_shape=shape)
+    assert abs(cost.count(compile_genotype(genotype, w), shape).macs - target) / target <= 0.02
+
+
+def test_latency_table_cache_roundtrip(tmp_path, monkeypatch):
     path = tmp_path / "lat.json"
     table = cost.LatencyTable(path, repeats=2, warmup=1)
-    row = table.op_costs(spec, 4, 8)
-    assert row.shape == (spec.num_op_slots,) and (row > 0).all()
-    assert np.array_equal(row[:2], row[2:])  # same op, same shape at every level
+    row = table.op_costs(SPEC, 4, 8)
+    assert row.shape == (SPEC.num_op_slots,) and (row > 0).all()
+    assert np.array_equal(row[:2], row[2:4])  # same op, same shape at every level
     assert table.measured == 2
     saved = json.loads(path.read_text())
     assert saved["version"] == 1 and len(saved["devices"][table.device]) == 2
 
     monkeypatch.setattr(cost, "measure_latency", lambda *a, **k: pytest.fail("re-measured a cached op"))
     again = cost.LatencyTable(path)
-    assert np.array_equal(again.op_costs(spec, 4, 8), row) and again.measured == 0
+    assert np.array_equal(again.op_costs(SPEC, 4, 8), row) and again.measured == 0
 
 
 def test_latency_cache_corrupt_file(tmp_path):
@@ -210,3 +278,54 @@ def test_latency_cache_corrupt_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="delete it"):
         cost.LatencyTable(path)
+
+
+# ---------------------------------------------------------------------------------- count_flops tool
+def _run_tool(monkeypatch, capsys, *argv):
+    import count_flops
+    from common import run_tool
+
+    monkeypatch.setattr("sys.argv", ["count_flops.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(count_flops.main)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_count_flops_json_side_by_side(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "genotype.json"
+    Genotype(skeleton=SKELETON, spec=SPEC, shared=True, masks=[BlockMask.full(SPEC)]).save(path)
+    code, out, _ = _run_tool(monkeypatch, capsys, "--genotype", str(path), "--model", "cifar_resnet20_v1",
+                             "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["name"] for r in rows] == [str(path), "cifar_resnet20_v1"]
+    assert rows[0]["input_shape"] == [1, 3, 16, 16] and rows[1]["input_shape"] == [1, 3, 32, 32]
+    assert rows[1]["macs"] == 40_813_184 and rows[1]["params"] == 272_474
+    assert set(rows[0]) == {"name", "input_shape", "params", "macs", "mac"}  # latency only when measured
+
+    code, out, _ = _run_tool(monkeypatch, capsys, "--genotype", str(path), "--latency", "--repeats", "3",
+                             "--json")
+    assert code == 0 and json.loads(out)["latency_ms"] > 0
+
+    code, out, _ = _run_tool(monkeypatch, capsys, "--genotype", str(path), "--width-mult", "2", "--latency",
+                             "--repeats", "3")
+    head = out.splitlines()[0]
+    assert code == 0 and "FLOPs=2xMACs" in head and "latency (ms)" in head and "@2" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "no_such_net"], "unknown GluonCV model"),
+    (["--genotype", "MISSING"], "genotype file not found"),
+])
+def test_count_flops_errors_are_one_line(monkeypatch, capsys, argv, message):
+    code, out, err = _run_tool(monkeypatch, capsys, *argv)
+    assert code == 2 and not out
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_count_flops_malformed_genotype(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text('{"version": 1, "skeleton": {}}')
+    code, _, err = _run_tool(monkeypatch, capsys, "--genotype", str(path))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1

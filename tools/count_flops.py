@@ -1,0 +1,63 @@
+"""Params, MACs (FLOPs = 2 x MACs), memory access and optionally latency of genotypes and GluonCV models.
+
+    python tools/count_flops.py --genotype runs/default/genotype.json --width-mult 1.5
+    python tools/count_flops.py --model mobilenetv2_1.0 --model shufflenet_v2 --latency
+    python tools/count_flops.py --model resnet50_v1 --json
+
+Conventions (params, MACs, MAC in elements) are those of dsonas.cost.
+"""
+
+import argparse
+import json
+
+from common import run_tool, setup_threads
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--genotype", action="append", default=[], metavar="JSON",
+                   help="genotype file written by search (repeatable)")
+    p.add_argument("--width-mult", type=float, default=1.0,
+                   help="width multiplier for --genotype (default 1)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="GluonCV model-zoo name, e.g. mobilenetv2_1.0 (repeatable; built without weights)")
+    p.add_argument("--input-size", type=int, metavar="S",
+                   help="square input side (default: the genotype's; 224 for zoo models, 32 for cifar_*)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch of the counted/timed input (default 1)")
+    p.add_argument("--latency", action="store_true", help="also measure forward latency (median, ms)")
+    p.add_argument("--ctx", default="cpu", help="device for --latency: cpu or gpu(0)")
+    p.add_argument("--repeats", type=int, default=20, help="timed passes for --latency (median; default 20)")
+    p.add_argument("--threads", type=int, help="OpenMP threads (default: OMP_NUM_THREADS or all cores)")
+    p.add_argument("--json", action="store_true", help="one JSON object per model instead of a table")
+    args = p.parse_args(argv)
+    if not args.genotype and not args.model:
+        p.error("give at least one --genotype or --model")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_threads(args.threads)
+    from dsonas import cost  # imports mxnet
+    from dsonas.engine import contexts
+
+    ctx = contexts([args.ctx])[0] if args.latency else None
+    nets = []
+    for path in args.genotype:
+        net, size = cost.genotype_net(path, args.width_mult)
+        nets.append((path if args.width_mult == 1.0 else f"{path}@{args.width_mult:g}", net, size))
+    for model in args.model:
+        nets.append((model, *cost.zoo_net(model)))
+    rows = [cost.summarize(name, net, (args.batch_size, 3, args.input_size or size, args.input_size or size),
+                           ctx, args.repeats) for name, net, size in nets]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(cost.format_table(rows))
+        print("MACs = multiply-accumulates, FLOPs = 2 x MACs; MAC = memory access cost in elements "
+              "(feature maps read + written + weights)")
+
+
+if __name__ == "__main__":
+    run_tool(main)
