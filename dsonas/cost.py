@@ -8,7 +8,8 @@ Conventions (every figure this module prints or returns follows them):
   (GluonCV, torchvision, the papers): ResNet-50 25.6M, MobileNetV2 3.5M.
 * **macs** — multiply-accumulates of the linear layers only: Convolution (grouped/depthwise via the
   weight's `Cin/groups`), Deconvolution, FullyConnected, dot, batch_dot. Biases, BN, pooling, activations
-  and elementwise ops add no MACs, as in the published figures (MobileNet 569M, ResNet-50 4.1G).
+  and elementwise ops add no MACs, as in the published figures (MobileNet 569M; ResNet-50 3.86G with the
+  stride on the first 1x1 conv as in the original/GluonCV v1, 4.09G with it on the 3x3 as in v1b).
   **FLOPs = 2 × MACs**; wherever both appear they are labelled.
 * **mac** — memory access cost in the ShuffleNet V2 sense (G1-G4), in *elements* (×4 for fp32 bytes):
   per layer, every input feature map read + every output written + every weight/state read, assuming a
@@ -18,10 +19,15 @@ Conventions (every figure this module prints or returns follows them):
 Everything is counted on the symbol graph with shapes from `infer_shape`, so it works for any
 hybridizable Gluon net (hybridized or not; Gluon forward hooks would not fire inside a hybridized
 graph) and for exported symbols. Costs are for the whole input batch; params do not depend on it.
+
+On top of the counter: per-op-slot and per-block costs of DsoNet's masked blocks (`op_costs`,
+`block_cost`, `slot_costs`, `network_block_costs`) for the adaptive penalties and reports, a cached
+per-op `LatencyTable`, and `solve_width_mult` for budget targets.
 """
 
 import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -578,6 +584,9 @@ def genotype_net(path, width_mult=1.0):
 def summarize(name, net, input_shape, latency_ctx=None, repeats=20):
     """One model's row for `count_flops`: name, input_shape, params, macs, mac (+ latency_ms if timed)."""
     r = count(net, input_shape)
+    if r.uncounted_ops:
+        logging.getLogger("dsonas").warning("%s: no MACs rule for ops %s (counted in MAC only)", name,
+                                            ", ".join(sorted(r.uncounted_ops)))
     row = {"name": name, "input_shape": list(r.input_shape), "params": r.params, "macs": r.macs, "mac": r.mac}
     if latency_ctx is not None:
         row["latency_ms"] = round(measure_latency(net, input_shape, latency_ctx, repeats), 4)

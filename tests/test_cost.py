@@ -88,6 +88,14 @@ def test_two_branch_exact(hybridize):
     assert not r.uncounted_ops
 
 
+def test_grouped_conv_and_deconv():
+    r = cost.count(_init(nn.Conv2D(8, 3, padding=1, groups=2, in_channels=4, use_bias=False)), (1, 4, 5, 5))
+    assert (r.params, r.macs) == (8 * 2 * 9, 8 * 25 * 2 * 9)
+    # Transposed conv: every input pixel scatters a Cout/groups x k x k kernel.
+    r = cost.count(_init(nn.Conv2DTranspose(4, 3, in_channels=2, use_bias=False)), (1, 2, 5, 5))
+    assert (r.params, r.macs, r.layers[0].out_shape) == (2 * 4 * 9, 2 * 25 * 4 * 9, (1, 4, 7, 7))
+
+
 def test_batched_dot_macs():
     a, b = mx.sym.var("data"), mx.sym.var("w", shape=(5, 7))
     r = cost.count(mx.sym.dot(a, b), (3, 5))
