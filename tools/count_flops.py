@@ -39,9 +39,12 @@ def main(argv=None):
     args = parse_args(argv)
     setup_threads(args.threads)
     from dsonas import cost  # imports mxnet
-    from dsonas.engine import contexts
 
-    ctx = contexts([args.ctx])[0] if args.latency else None
+    ctx = None
+    if args.latency:
+        from dsonas.engine import contexts
+
+        ctx = contexts([args.ctx])[0]
     nets = []
     for path in args.genotype:
         net, size = cost.genotype_net(path, args.width_mult)
