@@ -16,6 +16,8 @@ between stages -> ReLU -> global average pool -> dropout -> dense.
   because a hybridized graph has a fixed number of outputs (evaluation uses out[0]).
 """
 
+import warnings
+
 import mxnet as mx
 from mxnet.gluon import nn
 
@@ -189,6 +191,13 @@ class DsoNet(nn.HybridBlock):
         for cell in self._blocks:
             cell.drop_path = prob
         self._clear_cached_op()
+
+    def _build_cache(self, *args):
+        """Gluon warns about every Parameter outside the traced graph; after set_masks that is expected
+        (pruned ops keep their Parameters so optimizer states stay aligned), so silence just that."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Parameter .* is not used by any computation")
+            return super()._build_cache(*args)
 
     def _sync_grad_reqs(self):
         """grad_req 'null' for Parameters outside the current graph, 'write' again for those back in it."""

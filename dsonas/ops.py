@@ -72,8 +72,7 @@ assert set(OPS) == set(KNOWN_OPS), "dsonas.space.KNOWN_OPS and dsonas.ops.OPS mu
 def make_op(name, channels, bn_scale, sep_repeats, prefix):
     """Build op `name` under the parameter-name prefix `prefix` (stable names let a rebuilt block reuse
     the same Parameters)."""
-    op = OPS[name](channels, bn_scale, sep_repeats)
     wrapper = nn.HybridSequential(prefix=prefix)
     with wrapper.name_scope():
-        wrapper.add(op)
+        wrapper.add(OPS[name](channels, bn_scale, sep_repeats))
     return wrapper
