@@ -26,7 +26,8 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import yaml
 
 from dsonas.errors import RunFolderError
 from dsonas.genotype import BlockMask, Genotype
+from dsonas.runs import RunDir
 
 REPORT_DIR = "report"
 DPI = 100
@@ -63,7 +65,6 @@ class RunInfo:
     search_summary: dict = None
     retrain_summary: dict = None
     random_summary: dict = None
-    notes: list = field(default_factory=list)
 
     @property
     def name(self):
@@ -92,19 +93,6 @@ def _read_json(path):
                              ) from None
 
 
-def read_metrics(path):
-    """Records of a metrics.jsonl, oldest first; a torn line (crash mid-write) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def read_run(path):
     """RunInfo of a run folder written by tools/search.py, tools/retrain.py or the random baseline."""
     path = Path(path)
@@ -117,18 +105,19 @@ def read_run(path):
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
-        raise RunFolderError(f"{config_path} is not valid YAML; restore it from the run's log") from None
+        raise RunFolderError(f"{config_path} is not valid YAML; fix the file (the run's resolved config)"
+                             ) from None
     if not isinstance(config, dict):
-        raise RunFolderError(f"{config_path} does not hold a config mapping; restore it from the run's log")
+        raise RunFolderError(f"{config_path} does not hold a config mapping; fix the file (it is the run's "
+                             f"resolved config)")
     random_summary = _read_json(path / "random_summary.json")
     retrain_summary = _read_json(path / "retrain.json")
     genotype_path = path / "genotype.json"
-    info = RunInfo(path=path, kind="random" if random_summary else "retrain" if retrain_summary else "search",
-                   config=config, metrics=read_metrics(path / "metrics.jsonl"),
+    return RunInfo(path=path, kind="random" if random_summary else "retrain" if retrain_summary else "search",
+                   config=config, metrics=RunDir(path).read_metrics(),
                    genotype=Genotype.load(genotype_path) if genotype_path.is_file() else None,
                    search_summary=_read_json(path / "search_summary.json"), retrain_summary=retrain_summary,
                    random_summary=random_summary)
-    return info
 
 
 def ablation(info):
@@ -199,7 +188,6 @@ def _series(records, key):
 
 def plot_lambdas(info, records):
     """λ per epoch by λ array (one line per entry; grey = pruned by the end), else the final λ."""
-    spec = info.genotype.spec if info.genotype else None
     tracked = [r for r in records if r.get("lambdas")]
     if tracked:
         keys = list(tracked[-1]["lambdas"][0])
@@ -208,7 +196,7 @@ def plot_lambdas(info, records):
         x = np.array([i + 1 for i, r in enumerate(records) if r.get("lambdas")])
         title = "λ per epoch (grey: pruned by the end)"
     elif info.genotype is not None and info.genotype.lambdas:
-        keys = list(spec.lambda_keys())
+        keys = list(info.genotype.spec.lambda_keys())
         traj = {k: np.concatenate([np.ravel(lam[k]) for lam in info.genotype.lambdas])[None] for k in keys}
         x = None
         title = "final λ of genotype.json, sorted (per-epoch λ not recorded)"
@@ -235,7 +223,7 @@ def plot_lambdas(info, records):
     return fig
 
 
-def plot_sparsity(info, records):
+def plot_sparsity(records):
     """Sparsity and live FLOPs (of the derived net, or per block when recorded) per epoch."""
     if not records or not any("sparsity" in r or "derived_macs" in r for r in records):
         return None
@@ -417,6 +405,10 @@ def _human(n):
     return f"{n:.4g}"
 
 
+def _onoff(value):
+    return {True: "on", False: "off"}.get(value, value)
+
+
 def _fmt(value, digits=4):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -437,10 +429,12 @@ def _markdown(info, records, costs, images, missing):
               f"({', '.join(ops)}), merge {info.setting('space.merge')}",
               f"* skeleton: {info.setting('skeleton.kind')} stages {info.setting('skeleton.stages')}, "
               f"{info.setting('skeleton.filters')} filters; data {info.setting('data.source')} at "
-              f"{info.setting('data.input_size')} px",
-              f"* ablation (paper Table 3): split training **{a['split']}**, pre-training "
-              f"**{a['pretrain_epochs']}** epochs, W:λ ratio **{a['ratio']}**, penalty **{a['penalty']}** "
-              f"(γ = {a['gamma']})", ""]
+              f"{info.setting('data.input_size')} px"]
+    if info.kind == "search":
+        lines.append(f"* ablation (paper Table 3): split training **{_onoff(a['split'])}**, pre-training "
+                     f"**{a['pretrain_epochs']}** epochs, W:λ ratio **{a['ratio']}**, penalty "
+                     f"**{a['penalty']}** (γ = {a['gamma']})")
+    lines.append("")
     if info.genotype is not None:
         g = info.genotype
         live = [len(m.live_slots()) for m in g.masks]
@@ -452,9 +446,7 @@ def _markdown(info, records, costs, images, missing):
                   f"* live ops: {', '.join(map(str, live))} of {g.spec.num_op_slots} per "
                   f"{'shared block' if g.shared else 'block'}", "", "```", g.summary(), "```", ""]
     if records:
-        stages = {}
-        for r in records:
-            stages[r.get("stage")] = stages.get(r.get("stage"), 0) + 1
+        stages = Counter(r.get("stage") for r in records)
         seconds = _epoch_seconds(records)
         last = [f"{label} accuracy {_fmt(records[-1][acc])}" for acc, _, label in ACCURACY_KEYS
                 if records[-1].get(acc) is not None]
@@ -498,7 +490,7 @@ def build_report(run_dir):
         shown = ("the final λ of genotype.json are shown instead" if g is not None and g.lambdas
                  else "genotype.json holds no λ either")
         missing.append(f"λ trajectories: metrics.jsonl records no per-epoch λ (key `lambdas`); {shown}")
-    add("sparsity.png", "Sparsity and live FLOPs per epoch", plot_sparsity(info, records))
+    add("sparsity.png", "Sparsity and live FLOPs per epoch", plot_sparsity(records))
     if "sparsity.png" not in files:
         missing.append("sparsity / live FLOPs: metrics.jsonl has no `sparsity` or `derived_macs`")
     elif not all(r.get("block_macs") for r in records):
@@ -624,6 +616,8 @@ def compare_rows(paths):
 def _cell(column, value):
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return _onoff(value)
     if column in ("params", "macs"):
         return _human(value)
     if column.endswith("_acc"):

@@ -78,7 +78,7 @@ def test_share_report(tmp_path):
     md = files["report.md"].read_text()
     report = cost.count(compile_genotype(genotype), (1, 3, 16, 16))
     assert f"({report.params:,}), MACs" in md and f"({report.macs:,}) (FLOPs = 2 x MACs" in md
-    assert "split training **False**, pre-training **0** epochs, W:λ ratio **4:1**, penalty **flops**" in md
+    assert "split training **off**, pre-training **0** epochs, W:λ ratio **4:1**, penalty **flops**" in md
     assert "epochs: search 4" in md and "supernet test accuracy after search: 0.4200" in md
     assert "key `lambdas`" in md and "no `block_macs`" in md  # what the engine did not record is named
     for name in files:
@@ -97,7 +97,7 @@ def test_full_report_with_trajectories(tmp_path):
     md = files["report.md"].read_text()
     assert "λ trajectories" in md and "key `lambdas`" not in md and "block_macs" not in md
     assert "epochs: pretrain 2, search 4 (15 s)" in md
-    assert "split training **True**, pre-training **2** epochs, W:λ ratio **1:1**, penalty **none**" in md
+    assert "split training **on**, pre-training **2** epochs, W:λ ratio **1:1**, penalty **none**" in md
 
 
 def test_rebuild_replaces_the_whole_report(tmp_path):
