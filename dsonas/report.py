@@ -43,6 +43,7 @@ FIGSIZE = (8.0, 5.0)        # inches: every plot is 800 x 500 pixels ...
 DAG_PANEL = (5.0, 4.0)      # ... except the DAG of a full-space genotype: one 500 x 400 panel per block,
 DAG_COLUMNS = 3             # DAG_COLUMNS panels per row
 EDGE_CLEARANCE = 0.25       # DAG edges stop this far (data units) from the nodes they join
+MAX_EDGE_LABELS = 40        # a DAG with more λ-carrying edges shows λ as line width only
 SEARCH_STAGES = ("pretrain", "search")
 OP_LABELS = {"sep_conv_3x3": "sep 3x3", "sep_conv_5x5": "sep 5x5", "avg_pool_3x3": "avg 3x3",
              "max_pool_3x3": "max 3x3", "identity": "identity", "conv_1x1": "conv 1x1"}
@@ -334,7 +335,8 @@ def _draw_block(ax, spec, mask, lambdas, title):
     """One block: input, every op slot (dashed grey when pruned), the merge; kept edges with their λ.
 
     Edges skipping levels bow away from the middle row so they pass beside, not through, the ops between.
-    The dashed arc over everything is the residual connection."""
+    The dashed arc over everything is the residual connection. Line width grows with |λ|; the values
+    are written on the edges too unless there are more than MAX_EDGE_LABELS of them."""
     top = (spec.n_ops - 1) / 2
     pos = {0: (0.0, 0.0), "out": (spec.levels + 1.0, 0.0)}
     for slot in range(spec.num_op_slots):
@@ -343,12 +345,16 @@ def _draw_block(ax, spec, mask, lambdas, title):
               if lambdas is not None and spec.level_of(o) > 1 else None)
              for o in mask.live_slots() for k in mask.inputs[o]]
     edges += [(o + 1, "out", lambdas["out"][o] if lambdas is not None else None) for o in mask.outputs]
+    values = [abs(v) for _, _, v in edges if v is not None]
+    biggest = max(values, default=0.0) or 1.0
+    labelled = len(values) <= MAX_EDGE_LABELS
     for src, dst, value in edges:
         (x0, y0), (x1, y1) = pos[src], pos[dst]
         outward = 1.0 if y0 + y1 >= 0 else -1.0
         bend = 0.0 if x1 - x0 <= 1 else 0.2 * (x1 - x0 - 1) * outward
-        x, y = _edge(ax, (x0, y0), (x1, y1), bend, color="0.35", linewidth=0.8, zorder=1)
-        if value is not None:
+        width = 0.8 if value is None else 0.4 + 1.6 * abs(value) / biggest
+        x, y = _edge(ax, (x0, y0), (x1, y1), bend, color="0.35", linewidth=width, zorder=1)
+        if value is not None and labelled:
             ax.text(x, y, f"{value:.2f}", fontsize=6, ha="center", va="center", zorder=3,
                     bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none"})
     if not mask.is_identity:  # a horizontal edge bowed by b peaks at b/2: clear the top row
@@ -377,7 +383,8 @@ def _draw_block(ax, spec, mask, lambdas, title):
     ax.set_yticks([])
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title + (" (identity)" if mask.is_identity else ""), fontsize=9)
+    ax.set_title(title + (" (identity)" if mask.is_identity else "")
+                 + ("" if labelled else f" ({len(values)} edges: λ shown as line width)"), fontsize=9)
 
 
 def plot_genotype(genotype):
