@@ -57,6 +57,18 @@ def _scalar(F, lam, index):
     return F.reshape(F.slice(lam, begin=index, end=tuple(i + 1 for i in index)), shape=(1, 1, 1, 1))
 
 
+def _group_scale(F, lam, matrix, group):
+    """A matrix shaped like `matrix` (rows, len(lam) * group) whose column block o holds lam[o].
+
+    Built from two outer products so that the λ gradient is a GEMM: broadcast_mul's λ gradient goes
+    through MXNet's generic reduction kernel, measured 7x slower on a (192, 16*192) merge weight.
+    """
+    ones_cols = F.ones_like(F.slice(matrix, begin=(0, 0), end=(1, group)))
+    ones_rows = F.ones_like(F.slice_axis(matrix, axis=1, begin=0, end=1))
+    row = F.reshape(F.dot(F.reshape(lam, shape=(-1, 1)), ones_cols), shape=(1, -1))
+    return F.dot(ones_rows, row)
+
+
 def _level_matrix(F, lam, shape, rows, cols, edges):
     """λ[rows][:, cols] of a level's λ (`shape`), with exact zeros where (row, col) is not a mask edge."""
     if all(set(e) == set(cols) for e in edges):
@@ -189,10 +201,10 @@ class MaskedBlock(nn.HybridBlock):
             return F.reshape(F.dot(lam, F.stack(*outs, axis=0)), shape=(-3, -2))
         c = self.channels
         if self.searchable:
-            weight = _take(F, F.reshape(weight, shape=(c, n_slots, c)), 1, slots, n_slots)
+            weight = F.reshape(_take(F, F.reshape(weight, shape=(c, n_slots, c)), 1, slots, n_slots),
+                               shape=(c, len(slots) * c))
             if fast:
-                lam = F.reshape(_take(F, lam_out, 0, slots, n_slots), shape=(1, -1, 1))
-                weight = F.broadcast_mul(weight, lam)
+                weight = weight * _group_scale(F, _take(F, lam_out, 0, slots, n_slots), weight, c)
             weight = F.reshape(weight, shape=(c, len(slots) * c, 1, 1))
         data = outs[0] if len(outs) == 1 else F.concat(*outs, dim=1)
         return F.Convolution(data, weight, kernel=(1, 1), num_filter=c, no_bias=True)

@@ -23,13 +23,45 @@ def _sequential(layers):
     return seq
 
 
+class DepthwiseConv(nn.HybridBlock):
+    """kxk depthwise convolution (odd k, stride 1, 'same' padding, no bias); weight (C, 1, k, k).
+
+    Kernels wider than 3 run as a sum of width-3 column groups over width-shifted windows of the input
+    padded in width only. Same maths and Parameter, but oneDNN 2.x (MXNet 1.9.1) has a JIT depthwise
+    backward-weights kernel only for kernel widths <= 3; a 5x5 one falls back to a GEMM path measured
+    3-4x slower for the whole forward+backward (bench/README.md).
+    """
+
+    def __init__(self, channels, kernel, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.kernel = channels, kernel
+        self.weight = self.params.get("weight", shape=(channels, 1, kernel, kernel))
+
+    def hybrid_forward(self, F, x, weight):
+        k, c, pad = self.kernel, self.channels, self.kernel // 2
+        conv = dict(num_filter=c, num_group=c, no_bias=True)
+        if k <= 3:
+            return F.Convolution(x, weight, kernel=(k, k), pad=(pad, pad), **conv)
+        padded = F.pad(x, mode="constant", pad_width=(0, 0, 0, 0, 0, 0, pad, pad))
+        out = []
+        for begin in range(0, k, 3):
+            start = min(begin, k - 3)  # the last group is shifted left; its overlap columns are zeroed
+            w = F.slice_axis(weight, axis=3, begin=start, end=start + 3)
+            if start < begin:
+                zeros = F.zeros_like(F.slice_axis(w, axis=3, begin=0, end=begin - start))
+                w = F.concat(zeros, F.slice_axis(w, axis=3, begin=begin - start, end=3), dim=3)
+            right = k - start - 3  # padded columns beyond this group's window
+            window = F.slice_axis(padded, axis=3, begin=start, end=-right if right else None)
+            out.append(F.Convolution(window, w, kernel=(k, 3), pad=(pad, 0), **conv))
+        return F.add_n(*out)
+
+
 def sep_conv(channels, kernel, bn_scale, repeats):
     """(depthwise kxk -> pointwise 1x1 -> BN -> ReLU) x repeats."""
     layers = []
     for _ in range(repeats):
         layers += [
-            nn.Conv2D(channels, kernel, padding=kernel // 2, groups=channels, use_bias=False,
-                      in_channels=channels),
+            DepthwiseConv(channels, kernel),
             nn.Conv2D(channels, 1, use_bias=False, in_channels=channels),
             *bn_relu(channels, bn_scale),
         ]

@@ -5,7 +5,7 @@ from mxnet import autograd
 
 from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.genotype import BlockMask, derive_mask
-from dsonas.ops import OPS
+from dsonas.ops import OPS, DepthwiseConv
 from dsonas.space import KNOWN_OPS, OP_SETS, BlockSpec
 
 C, HW, BATCH = 4, 6, 3
@@ -85,6 +85,26 @@ def test_every_registered_op_keeps_the_shape():
                 assert p.grad_req == "null", "BN scale must be fixed while searching"
     depthwise = [n for n in OPS["sep_conv_5x5"](C, True, 2).collect_params() if n.endswith("weight")]
     assert len(depthwise) == 4  # two (depthwise, pointwise) pairs
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_depthwise_conv_equals_the_plain_convolution(kernel):
+    conv = DepthwiseConv(C, kernel)
+    conv.initialize(mx.init.Normal(1.0))
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(2, C, 7, 9)))
+    weight = conv.weight.data().copy()
+    weight.attach_grad()
+    with autograd.record():
+        ours = conv(x)
+        loss = ((ours - 1) ** 2).sum()
+    loss.backward()
+    with autograd.record():
+        plain = mx.nd.Convolution(x, weight, kernel=(kernel, kernel), pad=(kernel // 2,) * 2, num_filter=C,
+                                  num_group=C, no_bias=True)
+        loss = ((plain - 1) ** 2).sum()
+    loss.backward()
+    np.testing.assert_allclose(ours.asnumpy(), plain.asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv.weight.grad().asnumpy(), weight.grad.asnumpy(), rtol=1e-4, atol=1e-3)
 
 
 def test_avg_pool_ignores_padding():
