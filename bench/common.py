@@ -1,0 +1,221 @@
+"""What the benchmark scripts share: thread set-up, interleaved timing, peak GFLOP/s, child-process RSS.
+
+Scripts run as `python bench/<script>.py`, so this folder is on sys.path and they `from common import ...`.
+Like tools/common.py this module must not import mxnet at import time: OpenMP reads OMP_NUM_THREADS once,
+when libmxnet loads, so a script parses its arguments, calls `setup_threads`, and only then imports mxnet.
+
+Timing rule: variants are compared in the same process, interleaved round by round (A B A B ...), and
+summarised by the median, because the machine may be shared and its speed drifts over seconds.
+"""
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Benchmarks also work from a plain checkout (no `pip install -e .`): the package sits next to bench/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def _tools_common():
+    """tools/common.py, loaded by path: both folders name their helper module `common`."""
+    spec = importlib.util.spec_from_file_location("dsonas_tools_common", REPO_ROOT / "tools" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
+def setup_threads(threads=None):
+    """OMP_NUM_THREADS before mxnet loads (see tools/common.setup_threads); returns the count in force."""
+    return _tools_common().setup_threads(threads)
+
+
+def interleaved(fns, rounds, warmup=1):
+    """{name: median seconds per call} of the callables `fns` ({name: fn}), called round-robin.
+
+    Each fn must block until its work is done (e.g. end with mx.nd.waitall()). `rounds` may be an int or
+    a {name: int} (e.g. fewer rounds for a slow variant); a variant drops out once it has its rounds.
+    Also returns every sample, for the JSON output: (medians, samples).
+    """
+    want = rounds if isinstance(rounds, dict) else dict.fromkeys(fns, rounds)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    while any(len(samples[n]) < want[n] for n in fns):
+        for name, fn in fns.items():
+            if len(samples[name]) < want[name]:
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
+    return {n: statistics.median(s) for n, s in samples.items() if s}, samples
+
+
+def peak_gflops(n=2048, repeats=5):
+    """The machine's fp32 matrix-product throughput (GFLOP/s, median of `repeats` n x n mx.nd.dot)."""
+    import mxnet as mx
+
+    a = mx.nd.random.uniform(shape=(n, n))
+    b = mx.nd.random.uniform(shape=(n, n))
+    mx.nd.dot(a, b).wait_to_read()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.nd.dot(a, b).wait_to_read()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e9
+
+
+def _status_mb(field):
+    """A memory field of /proc/self/status (kB) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def max_rss_mb():
+    """This process's resident-set high-water mark (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries that across fork+exec, so a child started by a big parent
+    reports the parent's size.
+    """
+    return _status_mb("VmHWM")
+
+
+def current_rss_mb():
+    """This process's resident set now (VmRSS)."""
+    return _status_mb("VmRSS")
+
+
+CHILD_TAG = "BENCH_CHILD_RESULT "
+
+
+def child_result(obj):
+    """Print a child process's result on one tagged line (what `run_child` parses)."""
+    print(CHILD_TAG + json.dumps(obj), flush=True)
+
+
+def run_child(script, args, timeout=None):
+    """Run `python script args...` in a fresh process and return the object it passed to child_result."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+    for line in proc.stdout.splitlines():
+        if line.startswith(CHILD_TAG):
+            return json.loads(line[len(CHILD_TAG):])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+    raise RuntimeError(f"child {Path(script).name} {' '.join(map(str, args))} failed "
+                       f"(exit {proc.returncode}):\n{tail}")
+
+
+def print_table(head, rows):
+    """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
+    cells = [list(map(str, head))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    for k, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def emit(result, as_json, report):
+    """--json: the whole `result` as one JSON object on stdout; otherwise call `report(result)`."""
+    if as_json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+    else:
+        report(result)
+
+
+# ------------------------------------------------------------------ the CIFAR supernet, as the engine runs it
+
+
+def int_list(text):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def add_supernet_args(p):
+    """Shape options of the CIFAR supernet, plus --threads and --json (shared by supernet.py, shrink.py)."""
+    p.add_argument("--filters", type=int, default=48, help="stage-1 channels (default 48, the paper's)")
+    p.add_argument("--stages", type=int_list, default=[8, 8, 8], help="blocks per stage (default 8,8,8)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--space", choices=("share", "full"), default="share", help="λ shared or per block")
+    p.add_argument("--levels", type=int, default=4, help="levels M of the block (default 4)")
+    p.add_argument("--input-size", type=int, default=32, help="square input side (default 32)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS (default: the environment's, else all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+
+
+def supernet_shape_args(args):
+    """The options of `add_supernet_args` that fix the network and batch, as a command line."""
+    return ["--filters", args.filters, "--stages", ",".join(map(str, args.stages)), "--batch", args.batch,
+            "--space", args.space, "--levels", args.levels, "--input-size", args.input_size]
+
+
+def supernet_config(args):
+    from dsonas.config import load_config
+
+    return load_config(overrides=[f"space.kind={args.space}", f"space.levels={args.levels}",
+                                  "skeleton.kind=cifar", f"skeleton.filters={args.filters}",
+                                  f"skeleton.stages={list(args.stages)}"])
+
+
+def build_supernet(args, formulation="fast"):
+    """The supernet of `args`, seeded and initialised like dsonas.engine.prepare, hybridized."""
+    import mxnet as mx
+
+    from dsonas.network import build_supernet as build
+
+    cfg = supernet_config(args)
+    mx.random.seed(0)
+    net = build(cfg.space, cfg.skeleton, num_classes=10, input_size=args.input_size, formulation=formulation)
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+def search_trainers(args, net):
+    """(W trainer, λ trainer) with the search stage's optimizers and default hyper-parameters."""
+    from dsonas import optim  # noqa: F401  (registers the "apgnag" optimizer)
+    from dsonas.loop import make_trainer
+
+    c = supernet_config(args).search
+    w_trainer = make_trainer(net.weight_params(), "nag", {"learning_rate": c.lr, "momentum": c.momentum,
+                                                          "wd": c.wd})
+    lam_trainer = make_trainer(net.lambda_params(), "apgnag",
+                               {"learning_rate": c.lambda_lr, "momentum": c.lambda_momentum,
+                                "gamma": c.gamma}, update_on_kvstore=False)
+    return w_trainer, lam_trainer
+
+
+def random_batch(args, classes=10):
+    """A fixed random (x, y) batch of the benchmark's shape (data loading is not what is measured)."""
+    import mxnet as mx
+
+    mx.random.seed(1)
+    x = mx.nd.random.normal(shape=(args.batch, 3, args.input_size, args.input_size))
+    y = mx.nd.random.randint(0, classes, shape=(args.batch,)).astype("float32")
+    return x, y
+
+
+def train_step_fn(net, trainer, x, y):
+    """A callable running one training step exactly as the search loop does, blocking until done."""
+    import mxnet as mx
+    from mxnet import gluon
+
+    from dsonas.loop import Meter, train_step
+
+    loss_fn, meter = gluon.loss.SoftmaxCrossEntropyLoss(), Meter()
+
+    def run():
+        train_step(net, loss_fn, trainer, [x], [y], meter)
+        mx.nd.waitall()
+    return run

@@ -1,0 +1,175 @@
+"""Supernet training step: dsonas's fast block against the naive (published) formulation.
+
+Both networks are the CIFAR supernet of the given shape built by dsonas.network.build_supernet, once with
+formulation="fast" and once with formulation="naive" (every edge a broadcast_mul, sums with add_n), with
+the same initial weights. A *W step* is one forward/backward on a batch plus an NAG update of the
+weights; a *λ step* is the same with an APG-NAG update of the λ (what dsonas.engine.search runs 1:1).
+Steps of both variants are timed interleaved in this process (median); peak memory is the resident-set
+high-water mark of a fresh child process per variant, minus its resident set just before the network is
+built, after one W step and one λ step.
+
+FLOPs convention: forward MACs counted by dsonas.cost.count on the fast supernet (convolutions, dense
+layers and the mixing dots; BN, pooling and elementwise ops add none), FLOPs = 2 x MACs, and a training
+step = 3 x the forward FLOPs (forward, backward to the data, backward to the weights).
+peak_fraction = step FLOPs / fast W-step time / the machine's peak (an n x n fp32 mx.nd.dot).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py                 # the paper's shape: slow
+    OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py --filters 16 --stages 2,2,2 --steps 3
+"""
+
+import argparse
+import sys
+
+from common import (
+    add_supernet_args,
+    build_supernet,
+    child_result,
+    current_rss_mb,
+    emit,
+    interleaved,
+    max_rss_mb,
+    peak_gflops,
+    print_table,
+    random_batch,
+    run_child,
+    search_trainers,
+    setup_threads,
+    supernet_shape_args,
+    train_step_fn,
+)
+
+VARIANTS = ("fast", "naive")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    add_supernet_args(p)
+    p.add_argument("--variants", default="fast,naive", help="comma list of fast,naive (default both)")
+    p.add_argument("--steps", type=int, default=5, help="timed W and λ steps of the fast net (default 5)")
+    p.add_argument("--naive-steps", type=int, default=2,
+                   help="timed W and λ steps of the naive net (default 2; ~50 s each at the paper's shape)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed W and λ steps per variant (default 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure memory")
+    p.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant's RSS
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        p.error(f"--variants: expected a comma list of {', '.join(VARIANTS)}, got {bad or 'nothing'}")
+    return args
+
+
+def child_memory(args):
+    """Internal: build one variant in this fresh process, run a W and a λ step, report the RSS growth."""
+    from dsonas import optim  # noqa: F401  (imports mxnet: its own RSS is not the network's)
+
+    x, y = random_batch(args)
+    base = current_rss_mb()
+    net = build_supernet(args, args.child_memory)
+    w_trainer, lam_trainer = search_trainers(args, net)
+    train_step_fn(net, w_trainer, x, y)()
+    train_step_fn(net, lam_trainer, x, y)()
+    peak = max_rss_mb()
+    child_result({"variant": args.child_memory, "base_rss_mb": base, "peak_rss_mb": peak,
+                  "peak_rss_delta_mb": peak - base})
+
+
+def measure(args):
+    from dsonas import cost
+
+    x, y = random_batch(args)
+    # Memory first, one fresh child per variant, while this process holds no network (at the paper's
+    # shape the naive supernet alone needs ~15 GB).
+    memory = {} if args.no_memory else {
+        v: run_child(__file__, ["--child-memory", v, *supernet_shape_args(args)]) for v in args.variants}
+    peak_before = peak_gflops()
+    nets, fns, rounds = {}, {}, {}
+    for v in args.variants:
+        nets[v] = net = build_supernet(args, v)
+        w_trainer, lam_trainer = search_trainers(args, net)
+        fns[f"{v}/w"] = train_step_fn(net, w_trainer, x, y)
+        fns[f"{v}/lam"] = train_step_fn(net, lam_trainer, x, y)
+        n = args.naive_steps if v == "naive" else args.steps
+        rounds[f"{v}/w"] = rounds[f"{v}/lam"] = n
+    if "naive" in nets and "fast" in nets:  # the same initial weights and λ in both
+        for p_fast, p_naive in zip(nets["fast"].collect_params().values(),
+                                   nets["naive"].collect_params().values(), strict=True):
+            p_naive.set_data(p_fast.data())
+    medians, samples = interleaved(fns, rounds, warmup=args.warmup)
+    peak_after = peak_gflops()
+    peak = max(peak_before, peak_after)
+
+    macs = cost.count(nets["fast"] if "fast" in nets else build_supernet(args, "fast"), x.shape).macs
+    step_flops = 3 * 2 * macs
+    result = {
+        "config": {"filters": args.filters, "stages": list(args.stages), "batch": args.batch,
+                   "space": args.space, "levels": args.levels, "input_size": args.input_size,
+                   "steps": args.steps, "naive_steps": args.naive_steps, "warmup": args.warmup,
+                   "omp_num_threads": args.threads_in_force},
+        "flops_convention": "step FLOPs = 3 x 2 x forward MACs (dsonas.cost.count of the fast supernet)",
+        "forward_macs": macs, "step_gflop": step_flops / 1e9,
+        "peak_gflops": peak, "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
+        "variants": {},
+    }
+    for v in args.variants:
+        t_w, t_lam = medians[f"{v}/w"], medians[f"{v}/lam"]
+        result["variants"][v] = {
+            "ms_per_w_step": 1e3 * t_w, "ms_per_lambda_step": 1e3 * t_lam,
+            "images_per_s": args.batch / t_w, "search_images_per_s": 2 * args.batch / (t_w + t_lam),
+            "gflops_w_step": step_flops / t_w / 1e9, "samples_w_s": samples[f"{v}/w"],
+            "samples_lambda_s": samples[f"{v}/lam"],
+        }
+        if v in memory:
+            result["variants"][v].update({k: memory[v][k] for k in ("peak_rss_delta_mb", "peak_rss_mb")})
+    fast, naive = result["variants"].get("fast"), result["variants"].get("naive")
+    both = fast is not None and naive is not None
+    result["speedup_vs_naive"] = ((naive["ms_per_w_step"] + naive["ms_per_lambda_step"])
+                                  / (fast["ms_per_w_step"] + fast["ms_per_lambda_step"])) if both else None
+    result["speedup_w_step_vs_naive"] = naive["ms_per_w_step"] / fast["ms_per_w_step"] if both else None
+    result["speedup_lambda_step_vs_naive"] = (naive["ms_per_lambda_step"] / fast["ms_per_lambda_step"]
+                                              if both else None)
+    result["memory_ratio_vs_naive"] = (fast["peak_rss_delta_mb"] / naive["peak_rss_delta_mb"]
+                                       if both and not args.no_memory else None)
+    result["peak_fraction"] = (step_flops / (fast["ms_per_w_step"] / 1e3) / (peak * 1e9)
+                               if fast is not None else None)
+    return result
+
+
+def report(r):
+    c = r["config"]
+    print(f"CIFAR supernet, {c['space']} space, filters {c['filters']}, stages {c['stages']}, "
+          f"batch {c['batch']}, {c['input_size']}x{c['input_size']}, OMP_NUM_THREADS={c['omp_num_threads']}")
+    print(f"forward {r['forward_macs'] / 1e9:.2f} GMACs; training step {r['step_gflop']:.1f} GFLOP "
+          f"({r['flops_convention']}); machine peak {r['peak_gflops']:.0f} GFLOP/s (fp32 dot)\n")
+    rows = []
+    for v, m in r["variants"].items():
+        mem = f"{m['peak_rss_delta_mb']:.0f}" if "peak_rss_delta_mb" in m else "-"
+        rows.append([v, f"{m['ms_per_w_step']:.0f}", f"{m['ms_per_lambda_step']:.0f}",
+                     f"{m['images_per_s']:.1f}", f"{m['gflops_w_step']:.1f}", mem])
+    head = ["variant", "W step (ms)", "λ step (ms)", "images/s (W)", "GFLOP/s (W)", "peak RSS +MB"]
+    print_table(head, rows)
+    print()
+    if r["speedup_vs_naive"] is not None:
+        line = (f"fast vs naive: {r['speedup_vs_naive']:.1f}x faster per W+λ step pair "
+                f"(W {r['speedup_w_step_vs_naive']:.1f}x, λ {r['speedup_lambda_step_vs_naive']:.1f}x)")
+        if r["memory_ratio_vs_naive"] is not None:
+            line += f", {r['memory_ratio_vs_naive']:.2f}x its peak memory"
+        print(line)
+    if r["peak_fraction"] is not None:
+        print(f"fast W step reaches {100 * r['peak_fraction']:.1f}% of the measured peak GFLOP/s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.threads_in_force = setup_threads(args.threads)
+    if args.child_memory:
+        child_memory(args)
+        return 0
+    emit(measure(args), args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
