@@ -44,6 +44,7 @@ from dsonas.loop import (
     make_trainer,
     progress,
     split_batch,
+    trainer_optimizer,
 )
 from dsonas.network import compile_genotype
 from dsonas.schedule import make_schedule
@@ -259,6 +260,9 @@ def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, res
              "width_mult": width_mult}
     if meta:
         state.update(load_checkpoint(ckpt, params, {"w": trainer}))
+        # The restored optimizer carries the schedule it was pickled with; a resume that extends
+        # retrain.epochs must follow the new one (same config: the same lr at every update count).
+        trainer_optimizer(trainer).lr_scheduler = make_schedule(r, len(loaders.train))
         log(f"retrain: resuming after epoch {state['epoch']}/{r.epochs} at width multiplier {width_mult:g}")
     else:
         log(f"retrain: {deployed.params / 1e6:.3f}M params, {deployed.macs / 1e6:.2f}M MACs at width "
