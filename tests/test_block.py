@@ -11,8 +11,8 @@ from dsonas.space import KNOWN_OPS, OP_SETS, BlockSpec
 C, HW, BATCH = 4, 6, 3
 
 
-def spec_of(merge="concat", levels=3):
-    return BlockSpec(levels=levels, ops=OP_SETS["dso"], merge=merge)
+def spec_of(merge="concat", levels=3, ops="dso"):
+    return BlockSpec(levels=levels, ops=OP_SETS[ops], merge=merge)
 
 
 def random_lambdas(spec, seed=0, low=0.3, high=1.5):
@@ -132,10 +132,10 @@ def test_supernet_block_with_unit_lambdas_equals_the_derived_block(merge):
     np.testing.assert_allclose(searched(x, *ones).asnumpy(), derived(x).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("merge", ["concat", "sum"])
+@pytest.mark.parametrize("merge, ops", [("concat", "dso"), ("sum", "shuffle")])
 @pytest.mark.parametrize("pruned", [False, True])
-def test_fast_and_naive_formulations_agree(merge, pruned):
-    spec = spec_of(merge)
+def test_fast_and_naive_formulations_agree(merge, ops, pruned):
+    spec = spec_of(merge, ops=ops)
     mask = pruned_mask(spec) if pruned else BlockMask.full(spec)
     lam = random_lambdas(spec, seed=5)
     fast = make_block(spec, mask, formulation="fast")
