@@ -32,6 +32,11 @@ def _tools_common():
 
 
 
+def run_tool(main):
+    """tools/common.run_tool: a DsonasError becomes one line "error: <msg>" and exit code 2."""
+    _tools_common().run_tool(main)
+
+
 def setup_threads(threads=None):
     """OMP_NUM_THREADS before mxnet loads (see tools/common.setup_threads); returns the count in force."""
     return _tools_common().setup_threads(threads)
@@ -219,3 +224,52 @@ def train_step_fn(net, trainer, x, y):
         train_step(net, loss_fn, trainer, [x], [y], meter)
         mx.nd.waitall()
     return run
+
+
+# ---------------------------------------------------------------------------------------- random masks
+
+
+def lambda_entries(spec):
+    """Every λ entry of one block as (key, index) pairs, in lambda_shapes() order."""
+    import numpy as np
+
+    return [(key, idx) for key, shape in spec.lambda_shapes().items() for idx in np.ndindex(*shape)]
+
+
+def dead_fraction(spec, mask):
+    """Fraction of a block's λ entries that are not edges of `mask` (level-1 ops carry no input λ)."""
+    live = len(mask.outputs) + sum(len(mask.inputs[o]) for o in range(spec.num_op_slots)
+                                   if spec.level_of(o) > 1)
+    return 1.0 - live / spec.num_lambdas()
+
+
+def random_mask(spec, target, rng):
+    """(mask, its λ dead fraction): zero λ entries in a random order until derive_mask's mask is that sparse.
+
+    Zeroing more entries only removes edges, so the dead fraction grows with the count: bisect on it.
+    """
+    import numpy as np
+
+    from dsonas.genotype import BlockMask, derive_mask
+
+    if target <= 0:
+        return BlockMask.full(spec), 0.0
+    entries = lambda_entries(spec)
+    order = rng.permutation(len(entries))
+
+    def mask_with(count):
+        lams = {key: np.ones(shape) for key, shape in spec.lambda_shapes().items()}
+        for i in order[:count]:
+            key, idx = entries[i]
+            lams[key][idx] = 0.0
+        return derive_mask(spec, lams)
+
+    lo, hi = 0, len(entries)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if dead_fraction(spec, mask_with(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    mask = mask_with(lo)
+    return mask, dead_fraction(spec, mask)

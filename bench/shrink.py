@@ -17,7 +17,6 @@ Headline at each sparsity s > 0: (epoch time at s / epoch time at 0) / (live FLO
 """
 
 import argparse
-import sys
 
 from common import (
     add_supernet_args,
@@ -26,6 +25,8 @@ from common import (
     interleaved,
     print_table,
     random_batch,
+    random_mask,
+    run_tool,
     search_trainers,
     setup_threads,
     train_step_fn,
@@ -52,52 +53,6 @@ def parse_args(argv):
     if 0.0 not in args.sparsity:
         args.sparsity = [0.0, *args.sparsity]  # the reference every ratio is taken against
     return args
-
-
-def lambda_entries(spec):
-    """Every λ entry of one block as (key, index) pairs, in lambda_shapes() order."""
-    import numpy as np
-
-    return [(key, idx) for key, shape in spec.lambda_shapes().items() for idx in np.ndindex(*shape)]
-
-
-def dead_fraction(spec, mask):
-    """Fraction of a block's λ entries that are not edges of `mask` (level-1 ops carry no input λ)."""
-    live = len(mask.outputs) + sum(len(mask.inputs[o]) for o in range(spec.num_op_slots)
-                                   if spec.level_of(o) > 1)
-    return 1.0 - live / spec.num_lambdas()
-
-
-def random_mask(spec, target, rng):
-    """(mask, its λ dead fraction): zero λ entries in a random order until derive_mask's mask is that sparse.
-
-    Zeroing more entries only removes edges, so the dead fraction grows with the count: bisect on it.
-    """
-    import numpy as np
-
-    from dsonas.genotype import BlockMask, derive_mask
-
-    if target <= 0:
-        return BlockMask.full(spec), 0.0
-    entries = lambda_entries(spec)
-    order = rng.permutation(len(entries))
-
-    def mask_with(count):
-        lams = {key: np.ones(shape) for key, shape in spec.lambda_shapes().items()}
-        for i in order[:count]:
-            key, idx = entries[i]
-            lams[key][idx] = 0.0
-        return derive_mask(spec, lams)
-
-    lo, hi = 0, len(entries)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if dead_fraction(spec, mask_with(mid)) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    mask = mask_with(lo)
-    return mask, dead_fraction(spec, mask)
 
 
 def alive_entries(spec, mask):
@@ -214,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -18,7 +18,6 @@ peak_fraction = step FLOPs / fast W-step time / the machine's peak (an n x n fp3
 """
 
 import argparse
-import sys
 
 from common import (
     add_supernet_args,
@@ -32,6 +31,7 @@ from common import (
     print_table,
     random_batch,
     run_child,
+    run_tool,
     search_trainers,
     setup_threads,
     supernet_shape_args,
@@ -172,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)
