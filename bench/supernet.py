@@ -52,6 +52,7 @@ def parse_args(argv):
                    help="timed W and λ steps of the naive net (default 2; ~50 s each at the paper's shape)")
     p.add_argument("--warmup", type=int, default=1, help="untimed W and λ steps per variant (default 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure memory")
+    p.add_argument("--peak-n", type=int, default=2048, help="peak GFLOP/s matrix side (default 2048)")
     p.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant's RSS
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -84,7 +85,7 @@ def measure(args):
     # shape the naive supernet alone needs ~15 GB).
     memory = {} if args.no_memory else {
         v: run_child(__file__, ["--child-memory", v, *supernet_shape_args(args)]) for v in args.variants}
-    peak_before = peak_gflops()
+    peak_before = peak_gflops(args.peak_n)
     nets, fns, rounds = {}, {}, {}
     for v in args.variants:
         nets[v] = net = build_supernet(args, v)
@@ -98,7 +99,7 @@ def measure(args):
                                    nets["naive"].collect_params().values(), strict=True):
             p_naive.set_data(p_fast.data())
     medians, samples = interleaved(fns, rounds, warmup=args.warmup)
-    peak_after = peak_gflops()
+    peak_after = peak_gflops(args.peak_n)
     peak = max(peak_before, peak_after)
 
     macs = cost.count(nets["fast"] if "fast" in nets else build_supernet(args, "fast"), x.shape).macs
@@ -107,6 +108,7 @@ def measure(args):
         "config": {"filters": args.filters, "stages": list(args.stages), "batch": args.batch,
                    "space": args.space, "levels": args.levels, "input_size": args.input_size,
                    "steps": args.steps, "naive_steps": args.naive_steps, "warmup": args.warmup,
+                   "peak_n": args.peak_n,
                    "omp_num_threads": args.threads_in_force},
         "flops_convention": "step FLOPs = 3 x 2 x forward MACs (dsonas.cost.count of the fast supernet)",
         "forward_macs": macs, "step_gflop": step_flops / 1e9,

@@ -1,0 +1,47 @@
+"""Smoke tests of the benchmark scripts (the benchmarks themselves are run by hand, see bench/README.md)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = ("supernet.py", "shrink.py", "inference.py")
+
+
+def run(script, *args, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    proc = run(script, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and "--json" in proc.stdout
+
+
+def test_supernet_json_has_every_headline_figure():
+    proc = run("supernet.py", "--filters", "8", "--stages", "1", "--levels", "2", "--batch", "2", "--steps",
+               "1", "--naive-steps", "1", "--warmup", "0", "--peak-n", "256", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("speedup_vs_naive", "memory_ratio_vs_naive", "peak_fraction", "peak_gflops", "step_gflop"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert set(result["variants"]) == {"fast", "naive"}
+    for figures in result["variants"].values():
+        for key in ("ms_per_w_step", "ms_per_lambda_step", "images_per_s", "peak_rss_delta_mb"):
+            assert figures[key] > 0, key
+    assert result["step_gflop"] == pytest.approx(6 * result["forward_macs"] / 1e9)
+
+
+def test_bad_genotype_is_one_line_error(tmp_path):
+    bad = tmp_path / "g.json"
+    bad.write_text("{}")
+    proc = run("inference.py", "--genotype", str(bad), "--sizes", "32", "--models", "")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
