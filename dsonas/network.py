@@ -163,8 +163,10 @@ class DsoNet(nn.HybridBlock):
                 for key, name in zip(self.spec.lambda_keys(), self._lambda_names[block], strict=True)}
 
     def lambdas_numpy(self):
-        """Per block, {λ key: np.ndarray} (a share net returns the same arrays for every block)."""
-        values = {name: getattr(self, name).data().asnumpy()
+        """Per block, {λ key: np.ndarray} (a share net returns the same arrays for every block).
+
+        Reads the first context's copy: data-parallel copies are identical after each update."""
+        values = {name: getattr(self, name).list_data()[0].asnumpy()
                   for name in dict.fromkeys(n for names in self._lambda_names for n in names)}
         return [{key: values[name] for key, name in zip(self.spec.lambda_keys(), names, strict=True)}
                 for names in self._lambda_names]
