@@ -1,0 +1,149 @@
+"""The search pipeline end to end on a tiny config: pretrain -> search -> derive, resume, divergence."""
+
+import math
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import gluon
+
+from dsonas import checkpoint, engine
+from dsonas.config import config_to_dict, load_config
+from dsonas.errors import RunFolderError, TrainingError
+from dsonas.genotype import Genotype
+from dsonas.network import compile_genotype
+from dsonas.runs import RunDir
+
+# 120 digits (60 W + 60 λ, 3 batches each), 16x16 inputs, two 3-level blocks of 8 filters. Ratio 1:2 and a
+# large γ so that the first search epoch (3 W + 6 λ steps) already prunes and shrinks the graph, and the
+# second prunes more without emptying the block.
+TINY = ["data.limit_train=120", "data.batch_size=16", "data.input_size=16", "skeleton.filters=8",
+        "skeleton.stages=[1,1]", "space.levels=3", "pretrain.epochs=1", "search.epochs=2",
+        "search.gamma=0.1", "search.lambda_lr=0.2", "search.ratio=[1,2]"]
+
+
+def tiny_cfg(*extra):
+    return load_config(None, TINY + list(extra))
+
+
+def new_run(tmp_path, name, cfg, resume=False):
+    return RunDir.create(tmp_path, name, config_to_dict(cfg), resume=resume)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted run: its result and folder."""
+    cfg = tiny_cfg()
+    run = new_run(tmp_path_factory.mktemp("straight"), "run", cfg)
+    return engine.run_search(cfg, run), run
+
+
+def test_pipeline_prunes_and_writes_a_loadable_genotype(straight):
+    result, run = straight
+    assert result.summary["sparsity"] > 0
+    genotype = Genotype.load(run.path / "genotype.json")
+    assert genotype.masks == result.genotype.masks
+    assert genotype.shared and len(genotype.masks) == 1
+    assert genotype.lambdas is not None
+    # Every edge the genotype keeps has a non-zero λ; every λ outside it is exactly zero.
+    lam = genotype.lambdas[0]
+    mask = genotype.masks[0]
+    assert all(lam["out"][o] != 0 for o in mask.outputs)
+    assert all(lam["out"][o] == 0 for o in range(genotype.spec.num_op_slots) if o not in mask.outputs)
+    net = compile_genotype(genotype)
+    net.initialize()
+    assert net(mx.nd.zeros((2, 3, 16, 16))).shape == (2, 10)
+    assert result.summary["derived_params"] > 0
+
+
+def test_metrics_and_checkpoints_per_epoch(straight):
+    _, run = straight
+    records = run.read_metrics()
+    assert [(r["stage"], r["epoch"]) for r in records] == [("pretrain", 1), ("search", 1), ("search", 2)]
+    for r in records:
+        for key in ("w_loss", "w_acc", "lam_loss", "lam_acc", "sparsity", "derived_params", "derived_macs",
+                    "epoch_time"):
+            assert math.isfinite(r[key]), key
+        assert len(r["live_ops"]) == 2
+    assert records[0]["sparsity"] == 0  # λ is not trained during pretrain
+    # Pruned (and shrunk) after the first search epoch already, more after the second, never everything.
+    assert 0 < records[1]["sparsity"] < records[2]["sparsity"] < 1
+    assert 0 < sum(records[2]["live_ops"]) < sum(records[1]["live_ops"])
+    assert checkpoint.read_meta(run.checkpoint_path("pretrain"))["epoch"] == 1
+    meta = checkpoint.read_meta(run.checkpoint_path("search"))
+    assert meta["epoch"] == 2 and meta["iteration"] == 18 and len(meta["masks"]) == 2
+    assert "search epoch 2/2" in (run.path / "log.txt").read_text()
+
+
+def test_resume_after_interrupted_search_matches_uninterrupted(straight, tmp_path, monkeypatch):
+    expected, _ = straight
+    cfg = tiny_cfg()
+    real_reseed = engine.reseed
+
+    def die_in_second_search_epoch(seed, stage, epoch):
+        if (stage, epoch) == ("search", 1):
+            raise KeyboardInterrupt  # killed after the first search epoch was checkpointed
+        real_reseed(seed, stage, epoch)
+
+    monkeypatch.setattr(engine, "reseed", die_in_second_search_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_search(cfg, new_run(tmp_path, "run", cfg))
+    monkeypatch.setattr(engine, "reseed", real_reseed)
+    resumed = engine.run_search(cfg, new_run(tmp_path, "run", cfg, resume=True), resume=True)
+
+    assert resumed.genotype.masks == expected.genotype.masks
+    for got, want in zip(resumed.genotype.lambdas, expected.genotype.lambdas, strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    stages = [(r["stage"], r["epoch"]) for r in RunDir(tmp_path / "run").read_metrics()]
+    assert stages == [("pretrain", 1), ("search", 1), ("search", 2)]  # nothing re-run
+
+
+def test_extending_a_finished_search_continues_from_its_last_epoch(tmp_path):
+    short = tiny_cfg("search.epochs=1")
+    engine.run_search(short, new_run(tmp_path, "run", short))
+    longer = tiny_cfg("search.epochs=2")
+    engine.run_search(longer, new_run(tmp_path, "run", longer, resume=True), resume=True)
+    stages = [(r["stage"], r["epoch"]) for r in RunDir(tmp_path / "run").read_metrics()]
+    assert stages == [("pretrain", 1), ("search", 1), ("search", 2)]
+
+
+def test_nan_loss_raises_and_keeps_the_previous_checkpoint(tmp_path):
+    cfg = tiny_cfg()
+    run = new_run(tmp_path, "run", cfg)
+    s = engine.prepare(cfg, [mx.cpu()], "device", log=run.log)
+    engine.pretrain(s, run)
+    before = run.checkpoint_path("pretrain").read_bytes()
+    ce = gluon.loss.SoftmaxCrossEntropyLoss()
+    s.loss_fn = lambda out, y: ce(out, y) * float("nan")
+    with pytest.raises(TrainingError, match="lower the learning rate"):
+        engine.search(s, run)
+    assert not run.checkpoint_path("search").exists()
+    assert run.checkpoint_path("pretrain").read_bytes() == before
+
+
+def test_checkpoint_from_another_network_is_refused(tmp_path):
+    cfg = tiny_cfg()
+    run = new_run(tmp_path, "run", cfg)
+    s = engine.prepare(cfg, [mx.cpu()], "device", log=run.log)
+    trainer = engine.make_trainer(s.net.weight_params(), "nag", {"learning_rate": 0.1}, "device")
+    checkpoint.save_checkpoint(run.checkpoint_path("pretrain"), s.params, {"w": trainer}, {"epoch": 1})
+    other = engine.prepare(tiny_cfg("skeleton.filters=16"), [mx.cpu()], "device", log=run.log)
+    with pytest.raises(RunFolderError, match="does not match the network|has shape"):
+        checkpoint.load_checkpoint(run.checkpoint_path("pretrain"), other.params, {"w": trainer})
+
+
+def test_search_plan_interleaves_w_and_lambda_steps():
+    assert engine.search_plan(3, [1, 1]) == ["w", "lam"] * 3
+    assert engine.search_plan(5, [4, 1]) == ["w"] * 4 + ["lam"] + ["w", "lam"]
+    assert engine.search_plan(2, [1, 2]) == ["w", "lam", "lam"] * 2
+
+
+def test_reseed_makes_epochs_reproducible():
+    checkpoint.reseed(3, "search", 5)
+    a = (np.random.rand(), mx.nd.random.uniform(shape=(2,)).asnumpy())
+    checkpoint.reseed(3, "search", 5)
+    b = (np.random.rand(), mx.nd.random.uniform(shape=(2,)).asnumpy())
+    checkpoint.reseed(3, "search", 6)
+    c = np.random.rand()
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and c != a[0]
