@@ -32,11 +32,12 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
     setup_threads(cfg.runtime.threads)
-    from dsonas import engine  # imports mxnet
     from dsonas.config import config_to_dict
     from dsonas.runs import RunDir
 
+    # Before importing mxnet: a refused run folder is reported at once.
     run = RunDir.create(args.out, cfg.name, config_to_dict(cfg), resume=args.resume, force=args.force)
+    from dsonas import engine  # imports mxnet
     result = engine.run_search(cfg, run, engine.contexts(cfg.runtime.ctx), cfg.runtime.kvstore,
                                resume=args.resume)
     print(engine.format_summary(result))
