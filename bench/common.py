@@ -174,7 +174,11 @@ def supernet_config(args):
 
 
 def build_supernet(args, formulation="fast"):
-    """The supernet of `args`, seeded and initialised like dsonas.engine.prepare, hybridized."""
+    """The supernet of `args`, seeded and initialised like dsonas.engine.prepare, hybridized.
+
+    static_alloc only: with static_shape=True as well, mxnet 1.9.1 + MKLDNN computes wrong gradients for
+    this graph (bench/README.md), at no speed gain.
+    """
     import mxnet as mx
 
     from dsonas.network import build_supernet as build
@@ -183,7 +187,7 @@ def build_supernet(args, formulation="fast"):
     mx.random.seed(0)
     net = build(cfg.space, cfg.skeleton, num_classes=10, input_size=args.input_size, formulation=formulation)
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
-    net.hybridize(static_alloc=True, static_shape=True)
+    net.hybridize(static_alloc=True)
     return net
 
 
