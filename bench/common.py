@@ -63,6 +63,20 @@ def interleaved(fns, rounds, warmup=1):
     return {n: statistics.median(s) for n, s in samples.items() if s}, samples
 
 
+def machine_load():
+    """{cpus, load_1m}: figures from a busy shared machine are not comparable with a quiet one's."""
+    return {"cpus": len(os.sched_getaffinity(0)), "load_1m": os.getloadavg()[0]}
+
+
+def load_note(load):
+    """One line for the printed report; a warning when other work was competing for the cores."""
+    line = f"load average {load['load_1m']:.1f} on {load['cpus']} cores at the start"
+    if load["load_1m"] > 0.5:
+        line += ("  (WARNING: the machine was busy; with OMP_NUM_THREADS > free cores OpenMP barriers stall "
+                 "and times can be many times slower: rerun on a quiet machine or with OMP_NUM_THREADS=1)")
+    return line
+
+
 def peak_gflops(n=2048, repeats=5):
     """The machine's fp32 matrix-product throughput (GFLOP/s, median of `repeats` n x n mx.nd.dot)."""
     import mxnet as mx

@@ -20,7 +20,16 @@ The headline ratios use each model's faster form. MACs are dsonas.cost.count's p
 
 import argparse
 
-from common import emit, interleaved, print_table, random_mask, run_tool, setup_threads
+from common import (
+    emit,
+    interleaved,
+    load_note,
+    machine_load,
+    print_table,
+    random_mask,
+    run_tool,
+    setup_threads,
+)
 
 ZOO = ("shufflenet_v2", "mobilenetv2_1.0", "mobilenet1.0")
 DERIVED = "dsonas"
@@ -121,6 +130,7 @@ def measure(args):
 
     from dsonas import cost
 
+    load = machine_load()
     build, genotype, width = builders(args)
     mx.random.seed(0)
     refs = {name: instance(b, None) for name, b in build.items()}  # the weights every form shares
@@ -164,6 +174,7 @@ def measure(args):
         "config": {"genotype": args.genotype or f"random λ, sparsity {args.sparsity}, seed {args.seed}",
                    "derived_width_mult": width, "derived_skeleton": genotype.skeleton.to_dict(),
                    "sizes": args.sizes, "batches": list(BATCHES), "repeats": args.repeats,
+                   "load_at_start": load,
                    "omp_num_threads": args.threads_in_force},
         "rows": list(rows.values()),
         "vs_shufflenet_v2": {},
@@ -180,6 +191,7 @@ def measure(args):
 
 def report(r):
     c = r["config"]
+    print(load_note(c["load_at_start"]))
     print(f"derived net: {c['genotype']}, {c['derived_skeleton']['kind']} skeleton "
           f"{c['derived_skeleton']['stages']}, width x{c['derived_width_mult']:.3f}; "
           f"OMP_NUM_THREADS={c['omp_num_threads']}")

@@ -23,6 +23,8 @@ from common import (
     build_supernet,
     emit,
     interleaved,
+    load_note,
+    machine_load,
     print_table,
     random_batch,
     random_mask,
@@ -95,6 +97,7 @@ def measure(args):
 
     from dsonas import cost
 
+    load = machine_load()
     x, y = random_batch(args)
     levels, epochs = {}, {}
     reference = None
@@ -138,6 +141,7 @@ def measure(args):
         "config": {"filters": args.filters, "stages": list(args.stages), "batch": args.batch,
                    "space": args.space, "levels": args.levels, "input_size": args.input_size,
                    "iters": args.iters, "rounds": args.rounds, "seed": args.seed,
+                   "load_at_start": load,
                    "omp_num_threads": args.threads_in_force},
         "levels": levels,
         "time_over_flops": {name: lv["time_over_flops"] for name, lv in levels.items() if name != "0"},
@@ -146,6 +150,7 @@ def measure(args):
 
 def report(r):
     c = r["config"]
+    print(load_note(c["load_at_start"]))
     print(f"search epoch = {c['iters']} iterations (W:λ 1:1), CIFAR supernet {c['space']}, filters "
           f"{c['filters']}, stages {c['stages']}, batch {c['batch']}, "
           f"OMP_NUM_THREADS={c['omp_num_threads']}\n")

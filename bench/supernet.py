@@ -26,6 +26,8 @@ from common import (
     current_rss_mb,
     emit,
     interleaved,
+    load_note,
+    machine_load,
     max_rss_mb,
     peak_gflops,
     print_table,
@@ -80,6 +82,7 @@ def child_memory(args):
 def measure(args):
     from dsonas import cost
 
+    load = machine_load()
     x, y = random_batch(args)
     # Memory first, one fresh child per variant, while this process holds no network (at the paper's
     # shape the naive supernet alone needs ~15 GB).
@@ -109,6 +112,7 @@ def measure(args):
                    "space": args.space, "levels": args.levels, "input_size": args.input_size,
                    "steps": args.steps, "naive_steps": args.naive_steps, "warmup": args.warmup,
                    "peak_n": args.peak_n,
+                   "load_at_start": load,
                    "omp_num_threads": args.threads_in_force},
         "flops_convention": "step FLOPs = 3 x 2 x forward MACs (dsonas.cost.count of the fast supernet)",
         "forward_macs": macs, "step_gflop": step_flops / 1e9,
@@ -141,6 +145,7 @@ def measure(args):
 
 def report(r):
     c = r["config"]
+    print(load_note(c["load_at_start"]))
     print(f"CIFAR supernet, {c['space']} space, filters {c['filters']}, stages {c['stages']}, "
           f"batch {c['batch']}, {c['input_size']}x{c['input_size']}, OMP_NUM_THREADS={c['omp_num_threads']}")
     print(f"forward {r['forward_macs'] / 1e9:.2f} GMACs; training step {r['step_gflop']:.1f} GFLOP "
