@@ -3,7 +3,8 @@
 Node 0 is the block input, node o+1 the output of op slot o (see dsonas.space). The op of slot o reads
 the sum of its input nodes, weighted by λ in the searchable block (Eq. 3); the block output merges the
 outputs listed in the mask (concat + 1x1 conv, Eq. 4, or sum), weighted by λ_out when searchable, plus
-the block input.
+the block input (unless built with residual=False: in a ShuffleNet V2 unit the untouched half of the
+channels is the skip path, and a ShuffleNASNet cell outputs the plain sum of its ops).
 
 Two formulations of the searchable block compute the same function with the same Parameters:
 
@@ -101,12 +102,13 @@ class MaskedBlock(nn.HybridBlock):
     Level-1 ops read the block input directly (no λ: see dsonas.space). The concat merge's 1x1 conv
     keeps its full (C, M*N*C) weight whatever the mask, so `set_mask` can shrink the block in place.
     searchable=False: the derived block, no λ at all: op inputs are summed, the 1x1 conv only sees the
-    merged ops. drop_path > 0 zeroes whole samples of each non-identity op output before the merge
-    during training (scaled by 1/keep, like dropout; a no-op at inference).
+    merged ops. residual=False drops the "+ input" (the merge alone is the output; an identity mask
+    still returns its input). drop_path > 0 zeroes whole samples of each non-identity op output before the
+    merge during training (scaled by 1/keep, like dropout; a no-op at inference).
     """
 
     def __init__(self, spec, channels, mask, searchable, bn_scale, formulation="fast", drop_path=0.0,
-                 **kwargs):
+                 residual=True, **kwargs):
         super().__init__(**kwargs)
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
@@ -116,6 +118,7 @@ class MaskedBlock(nn.HybridBlock):
         self.searchable = searchable
         self.formulation = formulation
         self.drop_path = drop_path
+        self.residual = residual
         self._ops = {}
         with self.name_scope():
             for o in mask.live_slots():
@@ -169,7 +172,8 @@ class MaskedBlock(nn.HybridBlock):
             if self.drop_path > 0 and self.spec.op_name(o) != "identity":
                 h = F.Dropout(h, p=self.drop_path, axes=(1, 2, 3))
             outs.append(h)
-        return self._merge(F, outs, lams[-1] if self.searchable else None, merge_weight) + x
+        merged = self._merge(F, outs, lams[-1] if self.searchable else None, merge_weight)
+        return merged + x if self.residual else merged
 
     def _rows(self, level, slots):
         return [o - (level - 1) * self.spec.n_ops for o in slots]

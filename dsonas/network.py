@@ -14,6 +14,10 @@ between stages -> ReLU -> global average pool -> dropout -> dense.
 * aux=True adds an auxiliary classifier (ReLU, 1x1 conv 128 + BN + ReLU, global pool, dense) after the
   second-to-last stage; the net then ALWAYS returns (logits, aux_logits), in training and inference alike,
   because a hybridized graph has a fixed number of outputs (evaluation uses out[0]).
+* shuffle_cifar / shuffle_imagenet: every block sits in a ShuffleNet V2 unit (dsonas.shuffle) instead,
+  on half of the unit's channels, without a residual add; the stage's first unit downsamples, with the
+  bypass path `bypass` (default per kind, see dsonas.shuffle.DEFAULT_BYPASS). Blocks keep the names
+  ``cell{b}_`` either way, so per-block costs and reports read them alike.
 """
 
 import warnings
@@ -21,12 +25,11 @@ import warnings
 import mxnet as mx
 from mxnet.gluon import nn
 
+from dsonas import shuffle
 from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
 from dsonas.space import BlockSpec, Skeleton
-
-IMPLEMENTED_SKELETONS = ("cifar", "imagenet")
 
 
 def scale_channels(channels, width_mult):
@@ -68,49 +71,87 @@ class DsoNet(nn.HybridBlock):
     """
 
     def __init__(self, skeleton, spec, masks, searchable, shared, width_mult=1.0, bn_scale=True, dropout=0.0,
-                 drop_path=0.0, aux=False, formulation="fast", prefix="dsonet_", **kwargs):
+                 drop_path=0.0, aux=False, formulation="fast", bypass=None, cell_bn=False, prefix="dsonet_",
+                 **kwargs):
         super().__init__(prefix=prefix, **kwargs)
-        if skeleton.kind not in IMPLEMENTED_SKELETONS:
-            raise ConfigError(f"skeleton.kind: {skeleton.kind!r} is not implemented yet; use one of "
-                              f"{', '.join(IMPLEMENTED_SKELETONS)}")
         masks = list(masks)
         if len(masks) != skeleton.num_blocks:
             raise ValueError(f"expected {skeleton.num_blocks} masks (one per block), got {len(masks)}")
         if aux and len(skeleton.stages) < 2:
             raise ConfigError("retrain.aux_weight: the auxiliary head needs at least 2 stages; set it to 0")
+        if not skeleton.is_shuffle and (bypass is not None or cell_bn):
+            raise ConfigError(f"bypass and cell_bn apply to shuffle skeletons, not {skeleton.kind!r}")
         self.skeleton, self.spec = skeleton, spec
         self.searchable, self.shared, self.aux = searchable, shared, aux
         self.width_mult = width_mult
+        self._cell_args = (masks, searchable, bn_scale, formulation, drop_path)
         widths = [scale_channels(skeleton.filters * 2 ** s, width_mult) for s in range(len(skeleton.stages))]
         self._lambda_names = []  # per block: attribute names of its λ, in spec.lambda_keys() order
         self._layers = []        # forward order: (block index or None, child)
         self._nulled = set()     # names of Parameters whose grad_req set_masks turned to 'null'
         with self.name_scope():
-            self.stem = _stem(skeleton.kind, widths[0], bn_scale)
-            block = 0
-            for stage, count in enumerate(skeleton.stages):
-                if stage > 0:
-                    reduce = ReductionBlock(widths[stage - 1], widths[stage], bn_scale,
-                                            prefix=f"reduce{stage}_")
-                    self.register_child(reduce, f"reduce{stage}")
-                    self._layers.append((None, reduce))
-                for _ in range(count):
-                    cell = MaskedBlock(spec, widths[stage], masks[block], searchable, bn_scale, formulation,
-                                       drop_path, prefix=f"cell{block}_")
-                    self.register_child(cell, f"cell{block}")
-                    self._layers.append((block, cell))
-                    if searchable:
-                        self._lambda_names.append(self._register_lambdas(block))
-                    block += 1
-                if aux and stage == len(skeleton.stages) - 2:
-                    self.aux_head = _aux_head(widths[stage], skeleton.num_classes, bn_scale)
-                    self._aux_after = block - 1
+            if skeleton.is_shuffle:
+                bypass = bypass or shuffle.DEFAULT_BYPASS[skeleton.kind]
+                features = self._build_shuffle(widths, bn_scale, bypass, cell_bn)
+            else:
+                features = self._build_dso(widths, bn_scale)
             self.pool = nn.GlobalAvgPool2D()
             self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-            self.classifier = nn.Dense(skeleton.num_classes, in_units=widths[-1], prefix="classifier_")
-        self._blocks = [child for b, child in self._layers if b is not None]
+            self.classifier = nn.Dense(skeleton.num_classes, in_units=features, prefix="classifier_")
+        self._blocks = [child.cell if isinstance(child, shuffle.ShuffleUnit) else child
+                        for b, child in self._layers if b is not None]
         if searchable:
             self._sync_grad_reqs()
+
+    def _make_cell(self, block, channels, residual=True):
+        """MaskedBlock `block` (named cell{block}_ in the net's scope), registering its λ if searchable."""
+        masks, searchable, bn_scale, formulation, drop_path = self._cell_args
+        cell = MaskedBlock(self.spec, channels, masks[block], searchable, bn_scale, formulation, drop_path,
+                           residual=residual, prefix=f"cell{block}_")
+        if searchable:
+            self._lambda_names.append(self._register_lambdas(block))
+        return cell
+
+    def _add_aux_head(self, stage, width, bn_scale, block):
+        if self.aux and stage == len(self.skeleton.stages) - 2:
+            self.aux_head = _aux_head(width, self.skeleton.num_classes, bn_scale)
+            self._aux_after = block
+
+    def _build_dso(self, widths, bn_scale):
+        """Stem, blocks with reduction blocks between stages, final ReLU; returns the pooled width."""
+        self.stem = _stem(self.skeleton.kind, widths[0], bn_scale)
+        block = 0
+        for stage, count in enumerate(self.skeleton.stages):
+            if stage > 0:
+                reduce = ReductionBlock(widths[stage - 1], widths[stage], bn_scale, prefix=f"reduce{stage}_")
+                self.register_child(reduce, f"reduce{stage}")
+                self._layers.append((None, reduce))
+            for _ in range(count):
+                cell = self._make_cell(block, widths[stage])
+                self.register_child(cell, f"cell{block}")
+                self._layers.append((block, cell))
+                block += 1
+            self._add_aux_head(stage, widths[stage], bn_scale, block - 1)
+        self.head = nn.Activation("relu")
+        return widths[-1]
+
+    def _build_shuffle(self, widths, bn_scale, bypass, cell_bn):
+        """Stem, one ShuffleNet V2 unit per block, the kind's head; returns the pooled width."""
+        kind = self.skeleton.kind
+        self.stem = shuffle.stem(kind, widths[0], bn_scale)
+        strides = iter(shuffle.unit_strides(kind, self.skeleton.stages))
+        in_channels, block = shuffle.stem_channels(kind, widths[0]), 0
+        for stage, count in enumerate(self.skeleton.stages):
+            for _ in range(count):
+                cell = self._make_cell(block, widths[stage] // 2, residual=False)
+                unit = shuffle.ShuffleUnit(in_channels, widths[stage], next(strides), cell, bn_scale, bypass,
+                                           cell_bn, prefix=f"unit{block}_")
+                self.register_child(unit, f"unit{block}")
+                self._layers.append((block, unit))
+                in_channels, block = widths[stage], block + 1
+            self._add_aux_head(stage, widths[stage], bn_scale, block - 1)
+        self.head, features = shuffle.head(kind, widths[-1], bn_scale)
+        return features
 
     def _register_lambdas(self, block):
         owner = "" if self.shared else str(block)
@@ -141,7 +182,7 @@ class DsoNet(nn.HybridBlock):
             h = layer(h, *[lams[name] for name in self._lambda_names[block]]) if self.searchable else layer(h)
             if self.aux and block == self._aux_after:
                 aux_logits = self.aux_head(h)
-        h = self.pool(F.Activation(h, act_type="relu"))
+        h = self.pool(self.head(h))
         if self.dropout is not None:
             h = self.dropout(h)
         logits = self.classifier(h)
@@ -215,18 +256,34 @@ class DsoNet(nn.HybridBlock):
 
 
 def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation="fast"):
-    """The fully connected searchable net of a config (BN scale fixed to 1, λ = 1)."""
+    """The fully connected searchable net of a config (BN scale fixed to 1, λ = 1).
+
+    space.kind share / full: one λ set for all blocks / one per block, on a cifar or imagenet skeleton.
+    space.kind shuffle: one λ set (one cell, as ShuffleNASNet searches) for every unit of a shuffle_*
+    skeleton.
+    """
     spec = BlockSpec.from_config(space_cfg)
     skeleton = Skeleton.from_config(skeleton_cfg, num_classes, input_size)
-    if space_cfg.kind not in ("share", "full"):
-        raise ConfigError(f"space.kind: {space_cfg.kind!r} is not implemented yet; use share or full")
+    if space_cfg.kind not in ("share", "full", "shuffle"):
+        raise ConfigError(f"space.kind: expected share, full or shuffle, got {space_cfg.kind!r}")
+    if space_cfg.kind == "shuffle" and not skeleton.is_shuffle:
+        raise ConfigError(f"space.kind: shuffle searches a cell inside ShuffleNet V2 units, but "
+                          f"skeleton.kind is {skeleton.kind!r}; set skeleton.kind to shuffle_cifar or "
+                          f"shuffle_imagenet (see configs/shuffle_default.yaml)")
+    if space_cfg.kind != "shuffle" and skeleton.is_shuffle:
+        raise ConfigError(f"skeleton.kind: {skeleton.kind} is searched with space.kind shuffle, not "
+                          f"{space_cfg.kind!r}; set space.kind=shuffle or a cifar/imagenet skeleton")
     masks = [BlockMask.full(spec)] * skeleton.num_blocks
-    return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind == "share", bn_scale=False,
+    return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind != "full", bn_scale=False,
                   formulation=formulation)
 
 
-def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False):
-    """The derived net of a genotype, for retraining from scratch (BN scale learnable, no λ)."""
+def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False, bypass=None,
+                     cell_bn=False):
+    """The derived net of a genotype, for retraining from scratch (BN scale learnable, no λ).
+
+    bypass / cell_bn: shuffle skeletons only (dsonas.shuffle); None = the skeleton kind's default bypass.
+    """
     return DsoNet(genotype.skeleton, genotype.spec, genotype.block_masks(), searchable=False,
                   shared=genotype.shared, width_mult=width_mult, bn_scale=True, dropout=dropout,
-                  drop_path=drop_path, aux=aux)
+                  drop_path=drop_path, aux=aux, bypass=bypass, cell_bn=cell_bn)

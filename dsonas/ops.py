@@ -1,9 +1,14 @@
 """Candidate operations of a block: stride 1, channel count kept, Conv-BN-ReLU order.
 
-Every op that transforms its input ends in BatchNorm + ReLU, so the outputs of convolutions and poolings
+Every op that transforms its input ends in BatchNorm (+ ReLU), so the outputs of convolutions and poolings
 have comparable scales when λ weighs them against each other. Convolutions have no bias (BN follows).
 During pretrain and search BN is built with ``scale=False`` (γ_BN fixed to 1) so BN cannot undo λ.
 ReLU is ``Activation(act_type='relu')``, measurably faster than ``F.relu`` on MXNet 1.9 CPUs.
+
+Two ops end in BN without ReLU, because the architectures they come from are defined that way:
+``dw_conv_3x3`` (ShuffleNet V2's depthwise layer between its two 1x1 convs) and the inverted bottlenecks
+``mbconv_k{3,5}_e{3,6}`` (MobileNetV2's linear bottleneck, FPNAS's edge op: a ReLU on the projected,
+narrow output loses information).
 """
 
 from mxnet.gluon import nn
@@ -68,6 +73,27 @@ def sep_conv(channels, kernel, bn_scale, repeats):
     return _sequential(layers)
 
 
+def dw_conv(channels, kernel, bn_scale):
+    """kxk depthwise conv + BN, no ReLU (ShuffleNet V2's middle layer)."""
+    return _sequential([DepthwiseConv(channels, kernel), nn.BatchNorm(scale=bn_scale, in_channels=channels)])
+
+
+def mbconv(channels, kernel, expand, bn_scale):
+    """Inverted bottleneck (MobileNetV2, FPNAS §3.1): 1x1 expand to `expand` x channels + BN + ReLU,
+    kxk depthwise + BN + ReLU, 1x1 project back + BN (linear: no ReLU).
+
+    ReLU rather than MobileNetV2's ReLU6: the cap only helps low-precision inference, and ReLU is the
+    faster kernel here (see the module doc).
+    """
+    wide = channels * expand
+    return _sequential([
+        nn.Conv2D(wide, 1, use_bias=False, in_channels=channels), *bn_relu(wide, bn_scale),
+        DepthwiseConv(wide, kernel), *bn_relu(wide, bn_scale),
+        nn.Conv2D(channels, 1, use_bias=False, in_channels=wide),
+        nn.BatchNorm(scale=bn_scale, in_channels=channels),
+    ])
+
+
 def pool(kind, bn_scale, channels):
     """3x3 stride-1 pooling + BN + ReLU; average pooling ignores the zero padding at the borders."""
     if kind == "avg":
@@ -97,6 +123,9 @@ OPS = {
     "max_pool_3x3": lambda c, bn_scale, sep_repeats: pool("max", bn_scale, c),
     "identity": lambda c, bn_scale, sep_repeats: Identity(),
     "conv_1x1": lambda c, bn_scale, sep_repeats: conv_1x1(c, bn_scale),
+    "dw_conv_3x3": lambda c, bn_scale, sep_repeats: dw_conv(c, 3, bn_scale),
+    **{f"mbconv_k{k}_e{e}": (lambda c, bn_scale, sep_repeats, k=k, e=e: mbconv(c, k, e, bn_scale))
+       for k in (3, 5) for e in (3, 6)},
 }
 assert set(OPS) == set(KNOWN_OPS), "dsonas.space.KNOWN_OPS and dsonas.ops.OPS must list the same ops"
 

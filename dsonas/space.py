@@ -20,13 +20,21 @@ from dataclasses import dataclass
 from dsonas.errors import ConfigError
 
 OP_SETS = {
+    # DSO-NAS's block (paper §4.1).
     "dso": ("sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3"),
+    # ShuffleNASNet's cells (§III-A): the ENAS ops (separable convs applied twice: sep_repeats=2) plus
+    # identity and 1x1 conv.
     "shuffle": ("sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3", "identity", "conv_1x1"),
+    # ShuffleNet V2's branch (1x1 conv, 3x3 depthwise, 1x1 conv) as a mask over these two ops.
+    "shufflenet_v2": ("conv_1x1", "dw_conv_3x3"),
+    # FPNAS's mobile space (§3.1): inverted bottlenecks, kernel 3 or 5, expansion 3 or 6.
+    "mobile": ("mbconv_k3_e3", "mbconv_k3_e6", "mbconv_k5_e3", "mbconv_k5_e6"),
 }
 # Every op name a spec may use; dsonas.ops registers exactly these.
 KNOWN_OPS = tuple(dict.fromkeys(name for ops in OP_SETS.values() for name in ops))
 MERGES = ("concat", "sum")
 SKELETON_KINDS = ("cifar", "imagenet", "shuffle_cifar", "shuffle_imagenet")
+SHUFFLE_KINDS = ("shuffle_cifar", "shuffle_imagenet")
 
 
 def _is_int(value):
@@ -126,9 +134,13 @@ class BlockSpec:
 class Skeleton:
     """The macro network around the blocks.
 
-    kind: "cifar" (stride-1 stem) or "imagenet" (stride-4 stem); "shuffle_*" kinds are reserved for the
-    ShuffleNet V2 unit skeleton. filters: channels of the stage-1 blocks (doubled by every reduction).
-    stages: blocks per stage. num_classes / input_size: classifier width and square input side.
+    kind: "cifar" (stride-1 stem) or "imagenet" (stride-4 stem): DSO-NAS blocks with a reduction block
+    between stages; "shuffle_cifar" / "shuffle_imagenet": ShuffleNet V2 units, each running one block on
+    half of its channels (dsonas.shuffle). filters: channels of the stage-1 blocks (DSO) or units
+    (shuffle: the block sees half of them; must be even), doubled by every stage. stages: blocks per
+    stage; in a shuffle skeleton every unit is a block, and a stage's first unit downsamples (except
+    stage 1 of shuffle_cifar, whose stem keeps the resolution). num_classes / input_size: classifier
+    width and square input side.
     """
 
     kind: str
@@ -151,6 +163,9 @@ class Skeleton:
         for i, blocks in enumerate(self.stages):
             if not _is_int(blocks) or blocks < 1:
                 raise ConfigError(f"skeleton.stages[{i}]: expected an integer >= 1, got {blocks!r}")
+        if self.is_shuffle and self.filters % 2:
+            raise ConfigError(f"skeleton.filters: a {self.kind} unit splits its channels in two halves; "
+                              f"use an even number, got {self.filters}")
 
     @classmethod
     def from_config(cls, skeleton_cfg, num_classes, input_size):
@@ -158,6 +173,11 @@ class Skeleton:
         classes = skeleton_cfg.num_classes if skeleton_cfg.num_classes is not None else num_classes
         return cls(kind=skeleton_cfg.kind, filters=skeleton_cfg.filters, stages=tuple(skeleton_cfg.stages),
                    num_classes=classes, input_size=input_size)
+
+    @property
+    def is_shuffle(self):
+        """ShuffleNet V2 units (channel split, block on one half, concat, channel shuffle)."""
+        return self.kind in SHUFFLE_KINDS
 
     @property
     def num_blocks(self):
