@@ -84,8 +84,8 @@ def measure(args):
 
     load = machine_load()
     x, y = random_batch(args)
-    # Memory first, one fresh child per variant, while this process holds no network (at the paper's
-    # shape the naive supernet alone needs ~15 GB).
+    # Memory first, one fresh child per variant, while this process holds no network (the published
+    # naive implementation needed ~15 GB at the paper's shape: never two big nets plus a child at once).
     memory = {} if args.no_memory else {
         v: run_child(__file__, ["--child-memory", v, *supernet_shape_args(args)]) for v in args.variants}
     peak_before = peak_gflops(args.peak_n)
