@@ -1,19 +1,31 @@
 """Supernet training step: dsonas's fast block against the naive (published) formulation.
 
-Both networks are the CIFAR supernet of the given shape built by dsonas.network.build_supernet, once with
-formulation="fast" and once with formulation="naive" (every edge a broadcast_mul, sums with add_n), with
-the same initial weights. A *W step* is one forward/backward on a batch plus an NAG update of the
-weights; a *λ step* is the same with an APG-NAG update of the λ (what dsonas.engine.search runs 1:1).
-Steps of both variants are timed interleaved in this process (median); peak memory is the resident-set
-high-water mark of a fresh child process per variant, minus its resident set just before the network is
-built, after one W step and one λ step.
+Every variant is the CIFAR supernet of the given shape built by dsonas.network.build_supernet, with the
+same initial weights:
+
+* fast: formulation="fast" (one matrix product per level, λ_out folded into the merge weight),
+  hybridize(static_alloc=True);
+* naive: formulation="naive" (every edge a broadcast_mul, sums with add_n, as the published code does),
+  hybridize(static_alloc=True): the strongest baseline of that formulation on MXNet 1.9.1;
+* naive_plain: the same naive net with a plain hybridize() (no static_alloc: buffers come from the pool
+  on every call), the closest Gluon analogue of the published implementation, which ran the symbolic
+  executor. The issue's 49 s/step and 15 GB are the published code's own figures, not this variant's.
+
+`speedup_vs_naive` and `memory_ratio_vs_naive` compare against **naive** (static_alloc);
+`speedup_vs_naive_plain` and `memory_ratio_vs_naive_plain` against naive_plain.
+
+A *W step* is one forward/backward on a batch plus an NAG update of the weights; a *λ step* is the same
+with an APG-NAG update of the λ (what dsonas.engine.search runs 1:1). Steps of all variants are timed
+interleaved in this process (median); peak memory is the resident-set high-water mark of a fresh child
+process per variant, minus its resident set just before the network is built, after one W step and one
+λ step.
 
 FLOPs convention: forward MACs counted by dsonas.cost.count on the fast supernet (convolutions, dense
 layers and the mixing dots; BN, pooling and elementwise ops add none), FLOPs = 2 x MACs, and a training
 step = 3 x the forward FLOPs (forward, backward to the data, backward to the weights).
 peak_fraction = step FLOPs / fast W-step time / the machine's peak (an n x n fp32 mx.nd.dot).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py                 # the paper's shape: slow
+    OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py --steps 3 --naive-steps 1   # the paper's shape
     OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py --filters 16 --stages 2,2,2 --steps 3
 """
 
@@ -40,7 +52,8 @@ from common import (
     train_step_fn,
 )
 
-VARIANTS = ("fast", "naive")
+# variant -> (block formulation, static_alloc)
+VARIANTS = {"fast": ("fast", True), "naive": ("naive", True), "naive_plain": ("naive", False)}
 
 
 def parse_args(argv):
@@ -48,14 +61,16 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     add_supernet_args(p)
-    p.add_argument("--variants", default="fast,naive", help="comma list of fast,naive (default both)")
+    p.add_argument("--variants", default="fast,naive,naive_plain",
+                   help="comma list of fast,naive,naive_plain (default all three)")
     p.add_argument("--steps", type=int, default=5, help="timed W and λ steps of the fast net (default 5)")
     p.add_argument("--naive-steps", type=int, default=2,
-                   help="timed W and λ steps of the naive net (default 2; ~50 s each at the paper's shape)")
+                   help="timed W and λ steps of each naive net (default 2; slow at the paper's shape)")
     p.add_argument("--warmup", type=int, default=1, help="untimed W and λ steps per variant (default 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure memory")
     p.add_argument("--peak-n", type=int, default=2048, help="peak GFLOP/s matrix side (default 2048)")
-    p.add_argument("--child-memory", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant's RSS
+    # internal: measure one variant's RSS in this (child) process
+    p.add_argument("--child-memory", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -70,7 +85,7 @@ def child_memory(args):
 
     x, y = random_batch(args)
     base = current_rss_mb()
-    net = build_supernet(args, args.child_memory)
+    net = build_supernet(args, *VARIANTS[args.child_memory])
     w_trainer, lam_trainer = search_trainers(args, net)
     train_step_fn(net, w_trainer, x, y)()
     train_step_fn(net, lam_trainer, x, y)()
@@ -85,22 +100,22 @@ def measure(args):
     load = machine_load()
     x, y = random_batch(args)
     # Memory first, one fresh child per variant, while this process holds no network (the published
-    # naive implementation needed ~15 GB at the paper's shape: never two big nets plus a child at once).
+    # naive implementation needed ~15 GB at the paper's shape: never several big nets plus a child).
     memory = {} if args.no_memory else {
         v: run_child(__file__, ["--child-memory", v, *supernet_shape_args(args)]) for v in args.variants}
     peak_before = peak_gflops(args.peak_n)
     nets, fns, rounds = {}, {}, {}
     for v in args.variants:
-        nets[v] = net = build_supernet(args, v)
+        nets[v] = net = build_supernet(args, *VARIANTS[v])
         w_trainer, lam_trainer = search_trainers(args, net)
         fns[f"{v}/w"] = train_step_fn(net, w_trainer, x, y)
         fns[f"{v}/lam"] = train_step_fn(net, lam_trainer, x, y)
-        n = args.naive_steps if v == "naive" else args.steps
+        n = args.steps if v == "fast" else args.naive_steps
         rounds[f"{v}/w"] = rounds[f"{v}/lam"] = n
-    if "naive" in nets and "fast" in nets:  # the same initial weights and λ in both
-        for p_fast, p_naive in zip(nets["fast"].collect_params().values(),
-                                   nets["naive"].collect_params().values(), strict=True):
-            p_naive.set_data(p_fast.data())
+    first = list(nets[args.variants[0]].collect_params().values())
+    for v in args.variants[1:]:  # the same initial weights and λ in every variant
+        for p_first, p in zip(first, nets[v].collect_params().values(), strict=True):
+            p.set_data(p_first.data())
     medians, samples = interleaved(fns, rounds, warmup=args.warmup)
     peak_after = peak_gflops(args.peak_n)
     peak = max(peak_before, peak_after)
@@ -129,15 +144,19 @@ def measure(args):
         }
         if v in memory:
             result["variants"][v].update({k: memory[v][k] for k in ("peak_rss_delta_mb", "peak_rss_mb")})
-    fast, naive = result["variants"].get("fast"), result["variants"].get("naive")
-    both = fast is not None and naive is not None
-    result["speedup_vs_naive"] = ((naive["ms_per_w_step"] + naive["ms_per_lambda_step"])
-                                  / (fast["ms_per_w_step"] + fast["ms_per_lambda_step"])) if both else None
-    result["speedup_w_step_vs_naive"] = naive["ms_per_w_step"] / fast["ms_per_w_step"] if both else None
-    result["speedup_lambda_step_vs_naive"] = (naive["ms_per_lambda_step"] / fast["ms_per_lambda_step"]
-                                              if both else None)
-    result["memory_ratio_vs_naive"] = (fast["peak_rss_delta_mb"] / naive["peak_rss_delta_mb"]
-                                       if both and not args.no_memory else None)
+    fast = result["variants"].get("fast")
+    for base in ("naive", "naive_plain"):
+        result.update(dict.fromkeys((f"speedup_vs_{base}", f"speedup_w_step_vs_{base}",
+                                     f"speedup_lambda_step_vs_{base}", f"memory_ratio_vs_{base}")))
+        naive = result["variants"].get(base)
+        if fast is None or naive is None:
+            continue
+        w, lam = "ms_per_w_step", "ms_per_lambda_step"
+        result[f"speedup_vs_{base}"] = (naive[w] + naive[lam]) / (fast[w] + fast[lam])
+        result[f"speedup_w_step_vs_{base}"] = naive[w] / fast[w]
+        result[f"speedup_lambda_step_vs_{base}"] = naive[lam] / fast[lam]
+        if not args.no_memory:
+            result[f"memory_ratio_vs_{base}"] = fast["peak_rss_delta_mb"] / naive["peak_rss_delta_mb"]
     result["peak_fraction"] = (step_flops / (fast["ms_per_w_step"] / 1e3) / (peak * 1e9)
                                if fast is not None else None)
     return result
@@ -158,12 +177,14 @@ def report(r):
     head = ["variant", "W step (ms)", "λ step (ms)", "images/s (W)", "GFLOP/s (W)", "peak RSS +MB"]
     print_table(head, rows)
     print()
-    if r["speedup_vs_naive"] is not None:
-        line = (f"fast vs naive: {r['speedup_vs_naive']:.1f}x faster per W+λ step pair "
-                f"(W {r['speedup_w_step_vs_naive']:.1f}x, λ {r['speedup_lambda_step_vs_naive']:.1f}x)")
-        if r["memory_ratio_vs_naive"] is not None:
-            line += f", {r['memory_ratio_vs_naive']:.2f}x its peak memory"
-        print(line)
+    for base, label in (("naive", "naive (static_alloc)"), ("naive_plain", "naive_plain (plain hybridize)")):
+        if r[f"speedup_vs_{base}"] is not None:
+            w, lam = r[f"speedup_w_step_vs_{base}"], r[f"speedup_lambda_step_vs_{base}"]
+            line = (f"fast vs {label}: {r[f'speedup_vs_{base}']:.1f}x faster per W+λ step pair "
+                    f"(W {w:.1f}x, λ {lam:.1f}x)")
+            if r[f"memory_ratio_vs_{base}"] is not None:
+                line += f", {r[f'memory_ratio_vs_{base}']:.2f}x its peak memory"
+            print(line)
     if r["peak_fraction"] is not None:
         print(f"fast W step reaches {100 * r['peak_fraction']:.1f}% of the measured peak GFLOP/s")
 

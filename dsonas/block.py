@@ -8,9 +8,12 @@ channels is the skip path, and a ShuffleNASNet cell outputs the plain sum of its
 
 Two formulations of the searchable block compute the same function with the same Parameters:
 
-* ``fast``: a level's mixing is ONE matrix product. The level's candidate nodes are stacked into a
-  (K, B, C, H, W) tensor and contracted with the level's (ops x K) λ matrix, giving every op's input at
-  once; its backward is two GEMMs instead of one slow reduction kernel per edge. The concat merge scales
+* ``fast``: a level's mixing is ONE 1x1 convolution. The level's K candidate nodes are concatenated along
+  channels, (B, K*C, H, W), viewed as (B, K, C*H, W) and convolved with the level's (ops x K) λ matrix
+  as a 1x1 kernel, giving every op's input at once; its backward is two oneDNN kernels instead of one
+  slow reduction kernel per edge. This layout beat stacking on a new axis + ``dot`` by 1.2-1.5x on the
+  mixing alone (MXNet's ``stack`` is a slow generic copy, oneDNN's concat and 1x1 conv are not), and the
+  per-op inputs are contiguous channel groups of the result. The concat merge scales
   the 1x1 conv's *weight* by λ_out per input-channel group (Σ_o W_o (λ_o h_o) = Σ_o (λ_o W_o) h_o), which
   costs a few thousand multiplies instead of a pass over every activation; the sum merge is one product.
 * ``naive``: one ``broadcast_mul`` per edge and ``add_n`` (the published implementation's way), kept for
@@ -56,6 +59,22 @@ def _sum(F, xs):
 def _scalar(F, lam, index):
     """λ[index] shaped (1, 1, 1, 1) to broadcast over an NCHW tensor (naive formulation)."""
     return F.reshape(F.slice(lam, begin=index, end=tuple(i + 1 for i in index)), shape=(1, 1, 1, 1))
+
+
+def _contract(F, matrix, rows, maps, channels):
+    """[Σ_k matrix[n, k] * maps[k] for n < rows]: a list of `rows` (B, C, H, W) maps (fast formulation).
+
+    The K maps are concatenated along channels and viewed as K channels of a (C*H, W) image, so the
+    contraction is one 1x1 convolution whose (rows, K) weight is `matrix`.
+    """
+    k = len(maps)
+    data = F.reshape(maps[0] if k == 1 else F.concat(*maps, dim=1), shape=(0, k, -1, 0))  # (B, K, C*H, W)
+    mixed = F.Convolution(data, F.reshape(matrix, shape=(rows, k, 1, 1)), kernel=(1, 1), num_filter=rows,
+                          no_bias=True)
+    mixed = F.reshape(mixed, shape=(0, rows * channels, -1, 0))  # (B, rows*C, H, W)
+    if rows == 1:
+        return [mixed]
+    return list(F.split(mixed, num_outputs=rows, axis=1))
 
 
 def _group_scale(F, lam, matrix, group):
@@ -183,10 +202,7 @@ class MaskedBlock(nn.HybridBlock):
         shape = self.spec.lambda_shapes()[f"in{level}"]
         edges = [self.mask.inputs[o] for o in slots]
         matrix = _level_matrix(F, lam, shape, self._rows(level, slots), cols, edges)
-        mixed = F.dot(matrix, F.stack(*[nodes[k] for k in cols], axis=0))  # (ops, B, C, H, W)
-        if len(slots) == 1:
-            return [F.reshape(mixed, shape=(-3, -2))]
-        return list(F.split(mixed, num_outputs=len(slots), axis=0, squeeze_axis=True))
+        return _contract(F, matrix, len(slots), [nodes[k] for k in cols], self.channels)
 
     def _mix_naive(self, F, level, slots, nodes, lam):
         return [_sum(F, [F.broadcast_mul(nodes[k], _scalar(F, lam, (r, k))) for k in self.mask.inputs[o]])
@@ -202,7 +218,7 @@ class MaskedBlock(nn.HybridBlock):
             if not fast:
                 return _sum(F, outs)
             lam = F.reshape(_take(F, lam_out, 0, slots, n_slots), shape=(1, -1))
-            return F.reshape(F.dot(lam, F.stack(*outs, axis=0)), shape=(-3, -2))
+            return _contract(F, lam, 1, outs, self.channels)[0]
         c = self.channels
         if self.searchable:
             weight = F.reshape(_take(F, F.reshape(weight, shape=(c, n_slots, c)), 1, slots, n_slots),
