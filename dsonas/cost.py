@@ -15,6 +15,14 @@ Conventions (every figure this module prints or returns follows them):
   per layer, every input feature map read + every output written + every weight/state read, assuming a
   cache that holds a whole layer. Pure views (Reshape, Flatten, Dropout at inference, ...) are free;
   slicing reads only what it keeps; Concat, transposes and elementwise ops pay read + write (G4).
+* **fragments** — ShuffleNet V2's G3: the number of *fragmented operators*, i.e. individual convolutions
+  and poolings (dense layers included), and **max_parallel**, the most of them that sit side by side:
+  operators are grouped by depth (the most such operators on any path from the input to them) and the
+  largest group is reported (1 for a chain, 2 for a ShuffleNet V2 down unit or a ResNet projection block,
+  up to the level width for a DSO block).
+* **elementwise ops** — G4: the ops with no MACs but full memory traffic, counted by kind (activation,
+  add, mul, concat, shuffle = transpose/swap of axes, split = slicing, pad) with their MAC. BatchNorm is
+  left out (it folds into the preceding conv for inference) and so are pure views.
 
 Everything is counted on the symbol graph with shapes from `infer_shape`, so it works for any
 hybridizable Gluon net (hybridized or not; Gluon forward hooks would not fire inside a hybridized
@@ -55,6 +63,23 @@ _SLICE_OPS = frozenset({
 # Ops whose second input only supplies a shape.
 _SHAPE_ONLY_SECOND = frozenset({"broadcast_like", "slice_like", "reshape_like"})
 _SHAPE_ONLY_ALL = frozenset({"zeros_like", "ones_like"})
+# ShuffleNet V2 G3: "the number of individual convolution or pooling operations".
+FRAGMENT_OPS = frozenset({"Convolution", "Deconvolution", "Pooling", "FullyConnected"})
+# ShuffleNet V2 G4: element-wise operators, by kind.
+ELEMENTWISE_KINDS = {
+    "activation": ("Activation", "relu", "LeakyReLU", "sigmoid", "tanh", "softrelu", "softsign",
+                   "hard_sigmoid", "clip"),
+    "add": ("elemwise_add", "_plus", "_Plus", "add_n", "ElementWiseSum", "broadcast_add", "broadcast_plus",
+            "elemwise_sub", "_minus", "_Minus", "broadcast_sub", "broadcast_minus", "_plus_scalar",
+            "_minus_scalar", "_rminus_scalar"),
+    "mul": ("elemwise_mul", "_mul", "_Mul", "broadcast_mul", "_mul_scalar", "elemwise_div", "_div", "_Div",
+            "broadcast_div", "_div_scalar", "_rdiv_scalar"),
+    "concat": ("Concat", "concat", "stack"),
+    "shuffle": ("SwapAxis", "swapaxes", "transpose"),
+    "split": ("slice", "slice_axis", "SliceChannel", "split", "_split_v2", "crop", "Crop"),
+    "pad": ("Pad", "pad"),
+}
+_ELEMENTWISE = {op: kind for kind, ops in ELEMENTWISE_KINDS.items() for op in ops}
 # Ops known to cost no multiply-adds (so anything else is reported as uncounted, never silently zero).
 _ZERO_MAC_OPS = _VIEW_OPS | _SLICE_OPS | _SHAPE_ONLY_SECOND | _SHAPE_ONLY_ALL | frozenset({
     "BatchNorm", "InstanceNorm", "LayerNorm", "GroupNorm", "LRN", "Pooling", "Activation", "LeakyReLU",
@@ -93,11 +118,37 @@ class CostReport:
     layers: list
     input_shape: tuple
     uncounted_ops: frozenset = field(default_factory=frozenset)
+    max_parallel: int = 0  # G3: most fragmented operators side by side (see the module doc)
 
     @property
     def flops(self):
         """FLOPs = 2 × MACs (one multiply and one add per MAC)."""
         return 2 * self.macs
+
+    @property
+    def fragments(self):
+        """G3: the number of fragmented operators (convolutions, poolings, dense layers)."""
+        return sum(lc.op in FRAGMENT_OPS for lc in self.layers)
+
+    @property
+    def elementwise(self):
+        """G4: {kind: {"ops": count, "mac": memory access}} of the element-wise ops (kinds present only)."""
+        out = {}
+        for lc in self.layers:
+            kind = _ELEMENTWISE.get(lc.op)
+            if kind is not None:
+                entry = out.setdefault(kind, {"ops": 0, "mac": 0})
+                entry["ops"] += 1
+                entry["mac"] += lc.mac
+        return out
+
+    @property
+    def elementwise_ops(self):
+        return sum(e["ops"] for e in self.elementwise.values())
+
+    @property
+    def elementwise_mac(self):
+        return sum(e["mac"] for e in self.elementwise.values())
 
     def within(self, prefix):
         """Totals over the layers whose node name starts with `prefix` (a Gluon block's prefix)."""
@@ -184,10 +235,12 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
                  and n["name"] not in aux and nid not in fixed_gamma}
 
     layers, seen, uncounted = [], set(), set()
+    depth = [0] * len(nodes)  # most fragmented operators on a path from the input, this node included
     for nid, node in enumerate(nodes):
         op = node["op"]
         if op == "null":
             continue
+        depth[nid] = max((depth[src] for src, _, _ in node["inputs"]), default=0) + (op in FRAGMENT_OPS)
         attrs = node.get("attrs", {})
         in_shapes = [shapes[(src, idx)] for src, idx, _ in node["inputs"]]
         outs = []
@@ -215,9 +268,13 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
                 params += _prod(shapes[(src, 0)])
         layers.append(LayerCost(node["name"], op, _node_macs(op, attrs, in_shapes, outs), mac, params,
                                 outs[0]))
+    side_by_side = {}
+    for nid, node in enumerate(nodes):
+        if node["op"] in FRAGMENT_OPS:
+            side_by_side[depth[nid]] = side_by_side.get(depth[nid], 0) + 1
     return CostReport(params=sum(lc.params for lc in layers), macs=sum(lc.macs for lc in layers),
                       mac=sum(lc.mac for lc in layers), layers=layers, input_shape=input_shape,
-                      uncounted_ops=frozenset(uncounted))
+                      uncounted_ops=frozenset(uncounted), max_parallel=max(side_by_side.values(), default=0))
 
 
 # ------------------------------------------------------------------------------------ block-level costs
@@ -245,14 +302,15 @@ def op_costs(spec, channels, resolution, bn_scale=False):
 
 
 @functools.cache
-def block_cost(spec, mask, channels, resolution, bn_scale=False):
+def block_cost(spec, mask, channels, resolution, bn_scale=False, residual=True):
     """Exact cost (metric -> number) of the derived block `mask` describes: live ops, the sums feeding
-    them, the merge and the residual add. An identity block (nothing live) costs nothing."""
+    them, the merge and the residual add (none in a shuffle unit's block: residual=False). An identity
+    block (nothing live) costs nothing."""
     if mask.is_identity:
         return dict.fromkeys(METRICS, 0)
     from dsonas.block import MaskedBlock
 
-    block = MaskedBlock(spec, channels, mask, searchable=False, bn_scale=bn_scale)
+    block = MaskedBlock(spec, channels, mask, searchable=False, bn_scale=bn_scale, residual=residual)
     r = count(block, (1, channels, resolution, resolution))
     return {m: getattr(r, m) for m in METRICS}
 
@@ -316,6 +374,15 @@ def slot_costs(spec, channels, resolution, metric, bn_scale=False, latency_table
     return BlockCosts(op=op_costs(spec, channels, resolution, bn_scale)[metric], edge=edge, out=out)
 
 
+def _masked_blocks(net):
+    """Every MaskedBlock of `net`, in registration order (= forward order in every skeleton)."""
+    from dsonas.block import MaskedBlock
+
+    blocks = []
+    net.apply(lambda b: blocks.append(b) if isinstance(b, MaskedBlock) else None)
+    return blocks
+
+
 def block_geometry(net, input_shape=None):
     """(channels, resolution) at the input of every MaskedBlock of `net`, in forward order.
 
@@ -325,11 +392,8 @@ def block_geometry(net, input_shape=None):
     """
     import mxnet as mx
 
-    from dsonas.block import MaskedBlock
-
     input_shape = input_shape or (1, 3, net.skeleton.input_size, net.skeleton.input_size)
-    blocks = []
-    net.apply(lambda b: blocks.append(b) if isinstance(b, MaskedBlock) else None)
+    blocks = _masked_blocks(net)
     seen = []
     hooks = [b.register_forward_pre_hook(lambda blk, args: seen.append(args[0])) for b in blocks]
     try:
@@ -364,9 +428,10 @@ def network_block_costs(net, spec=None, masks=None, input_shape=None, bn_scale=F
     geometry = block_geometry(net, input_shape)
     if len(geometry) != len(masks):
         raise ValueError(f"{len(masks)} masks for a network with {len(geometry)} blocks")
+    residual = [block.residual for block in _masked_blocks(net)]
     out = {m: np.zeros(len(masks)) for m in METRICS + (("latency",) if latency_table is not None else ())}
     for b, ((channels, resolution), mask) in enumerate(zip(geometry, masks, strict=True)):
-        for m, v in block_cost(spec, mask, channels, resolution, bn_scale).items():
+        for m, v in block_cost(spec, mask, channels, resolution, bn_scale, residual[b]).items():
             out[m][b] = v
         if latency_table is not None:
             lat = latency_table.op_costs(spec, channels, resolution, bn_scale)
@@ -582,12 +647,17 @@ def genotype_net(path, width_mult=1.0):
 
 
 def summarize(name, net, input_shape, latency_ctx=None, repeats=20):
-    """One model's row for `count_flops`: name, input_shape, params, macs, mac (+ latency_ms if timed)."""
+    """One model's row for `count_flops`: name, input_shape, params, macs, mac, the G3/G4 counts
+    (fragments, max_parallel, elementwise_ops, elementwise_mac, elementwise: ops per kind), and
+    latency_ms if timed."""
     r = count(net, input_shape)
     if r.uncounted_ops:
         logging.getLogger("dsonas").warning("%s: no MACs rule for ops %s (counted in MAC only)", name,
                                             ", ".join(sorted(r.uncounted_ops)))
-    row = {"name": name, "input_shape": list(r.input_shape), "params": r.params, "macs": r.macs, "mac": r.mac}
+    row = {"name": name, "input_shape": list(r.input_shape), "params": r.params, "macs": r.macs, "mac": r.mac,
+           "fragments": r.fragments, "max_parallel": r.max_parallel, "elementwise_ops": r.elementwise_ops,
+           "elementwise_mac": r.elementwise_mac,
+           "elementwise": {kind: e["ops"] for kind, e in sorted(r.elementwise.items())}}
     if latency_ctx is not None:
         row["latency_ms"] = round(measure_latency(net, input_shape, latency_ctx, repeats), 4)
     return row
@@ -596,12 +666,15 @@ def summarize(name, net, input_shape, latency_ctx=None, repeats=20):
 def format_table(rows):
     """Side-by-side text table of `summarize` rows; FLOPs = 2 × MACs is printed next to MACs."""
     timed = any("latency_ms" in r for r in rows)
-    head = ["name", "input", "params (M)", "MACs (M)", "FLOPs=2xMACs (M)", "MAC (M elem)"]
+    head = ["name", "input", "params (M)", "MACs (M)", "FLOPs=2xMACs (M)", "MAC (M elem)", "fragments",
+            "parallel", "elem ops", "elem MAC (M)"]
     head += ["latency (ms)"] if timed else []
     body = []
     for r in rows:
         cells = [r["name"], "x".join(map(str, r["input_shape"])), f"{r['params'] / 1e6:.3f}",
-                 f"{r['macs'] / 1e6:.2f}", f"{2 * r['macs'] / 1e6:.2f}", f"{r['mac'] / 1e6:.2f}"]
+                 f"{r['macs'] / 1e6:.2f}", f"{2 * r['macs'] / 1e6:.2f}", f"{r['mac'] / 1e6:.2f}",
+                 str(r["fragments"]), str(r["max_parallel"]), str(r["elementwise_ops"]),
+                 f"{r['elementwise_mac'] / 1e6:.2f}"]
         if timed:
             cells.append(f"{r['latency_ms']:.3f}" if "latency_ms" in r else "-")
         body.append(cells)

@@ -98,8 +98,6 @@ class DsoNet(nn.HybridBlock):
             self.pool = nn.GlobalAvgPool2D()
             self.dropout = nn.Dropout(dropout) if dropout > 0 else None
             self.classifier = nn.Dense(skeleton.num_classes, in_units=features, prefix="classifier_")
-        self._blocks = [child.cell if isinstance(child, shuffle.ShuffleUnit) else child
-                        for b, child in self._layers if b is not None]
         if searchable:
             self._sync_grad_reqs()
 
@@ -163,6 +161,12 @@ class DsoNet(nn.HybridBlock):
                                                     wd_mult=0.0))
             names.append(name)
         return names
+
+    @property
+    def _blocks(self):
+        """The MaskedBlocks in forward order (a property: Gluon warns about stored lists of grandchildren)."""
+        return [child.cell if isinstance(child, shuffle.ShuffleUnit) else child
+                for b, child in self._layers if b is not None]
 
     @property
     def num_blocks(self):
@@ -260,7 +264,9 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
 
     space.kind share / full: one λ set for all blocks / one per block, on a cifar or imagenet skeleton.
     space.kind shuffle: one λ set (one cell, as ShuffleNASNet searches) for every unit of a shuffle_*
-    skeleton.
+    skeleton, with BN after each cell's sum: without a 1x1 merge or residual to re-scale it, the plain sum
+    of every op (identities included) grows geometrically from unit to unit, and pretraining diverged
+    (loss 1e19 after one epoch of configs/shuffle_default.yaml, NaN in the second).
     """
     spec = BlockSpec.from_config(space_cfg)
     skeleton = Skeleton.from_config(skeleton_cfg, num_classes, input_size)
@@ -275,7 +281,7 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
                           f"{space_cfg.kind!r}; set space.kind=shuffle or a cifar/imagenet skeleton")
     masks = [BlockMask.full(spec)] * skeleton.num_blocks
     return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind != "full", bn_scale=False,
-                  formulation=formulation)
+                  formulation=formulation, cell_bn=skeleton.is_shuffle)
 
 
 def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False, bypass=None,

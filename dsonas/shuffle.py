@@ -171,3 +171,22 @@ def unit_strides(kind, stages):
     """Stride of every unit: 2 for a stage's first unit (not stage 1's on shuffle_cifar), else 1."""
     return [2 if i == 0 and (s > 0 or kind == "shuffle_imagenet") else 1
             for s, count in enumerate(stages) for i in range(count)]
+
+
+def shufflenet_v2_genotype(kind="shuffle_imagenet", filters=116, stages=(4, 8, 4), num_classes=1000,
+                           input_size=224):
+    """ShuffleNet V2 as a genotype over the `shufflenet_v2` op set (levels 3: conv_1x1, dw_conv_3x3).
+
+    Basic units: conv_1x1 (slot 0) -> dw_conv_3x3 (slot 3) -> conv_1x1 (slot 4), the output. Down units:
+    conv_1x1 alone, after the unit's entry (1x1 conv, 3x3 depthwise stride 2), which completes ShuffleNet
+    V2's down branch. Defaults: the 1.0x ImageNet model (stage widths 116, 232, 464).
+    """
+    from dsonas.genotype import BlockMask, Genotype
+    from dsonas.space import OP_SETS, BlockSpec, Skeleton
+
+    spec = BlockSpec(levels=3, ops=OP_SETS["shufflenet_v2"], merge="sum")
+    skeleton = Skeleton(kind, filters, tuple(stages), num_classes, input_size)
+    basic = BlockMask(inputs=((0,), (), (), (1,), (4,), ()), outputs=(4,))
+    down = BlockMask(inputs=((0,),) + ((),) * 5, outputs=(0,))
+    masks = [down if stride == 2 else basic for stride in unit_strides(kind, skeleton.stages)]
+    return Genotype(skeleton=skeleton, spec=spec, shared=False, masks=masks)

@@ -310,7 +310,8 @@ def test_count_flops_json_side_by_side(tmp_path, monkeypatch, capsys):
     assert [r["name"] for r in rows] == [str(path), "cifar_resnet20_v1"]
     assert rows[0]["input_shape"] == [1, 3, 16, 16] and rows[1]["input_shape"] == [1, 3, 32, 32]
     assert rows[1]["macs"] == 40_813_184 and rows[1]["params"] == 272_474
-    assert set(rows[0]) == {"name", "input_shape", "params", "macs", "mac"}  # latency only when measured
+    assert set(rows[0]) == {"name", "input_shape", "params", "macs", "mac", "fragments", "max_parallel",
+                            "elementwise_ops", "elementwise_mac", "elementwise"}  # latency only when measured
 
     code, out, _ = _run_tool(monkeypatch, capsys, "--genotype", str(path), "--latency", "--repeats", "3",
                              "--json")

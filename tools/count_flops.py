@@ -1,10 +1,14 @@
 """Params, MACs (FLOPs = 2 x MACs), memory access and optionally latency of genotypes and GluonCV models.
 
     python tools/count_flops.py --genotype runs/default/genotype.json --width-mult 1.5
-    python tools/count_flops.py --model mobilenetv2_1.0 --model shufflenet_v2 --latency
+    python tools/count_flops.py --genotype configs/genotypes/shufflenet_v2_1.0_imagenet.json \
+        --model shufflenet_v2 --latency
     python tools/count_flops.py --model resnet50_v1 --json
 
-Conventions (params, MACs, MAC in elements) are those of dsonas.cost.
+Beside params, MACs and MAC, every row carries ShuffleNet V2's G3 and G4 measures: fragments (convolutions,
+poolings and dense layers), the most of them side by side (parallel), and the element-wise ops (ReLU, add,
+mul, concat, shuffle, split, pad) with their memory access; --json also breaks those down by kind.
+Conventions are those of dsonas.cost.
 """
 
 import argparse
@@ -60,6 +64,8 @@ def main(argv=None):
         print(cost.format_table(rows))
         print("MACs = multiply-accumulates, FLOPs = 2 x MACs; MAC = memory access cost in elements "
               "(feature maps read + written + weights)")
+        print("fragments = convolutions + poolings + dense layers (G3), parallel = most of them side by "
+              "side; elem ops / elem MAC = element-wise ops and their memory access (G4, BatchNorm excluded)")
 
 
 if __name__ == "__main__":
