@@ -30,9 +30,10 @@ def test_supernet_json_has_every_headline_figure():
                "1", "--naive-steps", "1", "--warmup", "0", "--peak-n", "256", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    for key in ("speedup_vs_naive", "memory_ratio_vs_naive", "peak_fraction", "peak_gflops", "step_gflop"):
+    for key in ("speedup_vs_naive", "memory_ratio_vs_naive", "speedup_vs_naive_plain",
+                "memory_ratio_vs_naive_plain", "peak_fraction", "peak_gflops", "step_gflop"):
         assert isinstance(result[key], float) and result[key] > 0, key
-    assert set(result["variants"]) == {"fast", "naive"}
+    assert set(result["variants"]) == {"fast", "naive", "naive_plain"}
     for figures in result["variants"].values():
         for key in ("ms_per_w_step", "ms_per_lambda_step", "images_per_s", "peak_rss_delta_mb"):
             assert figures[key] > 0, key
