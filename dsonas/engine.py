@@ -23,6 +23,7 @@ with exactly the λ and genotype of an uninterrupted run. A NaN/inf loss raises 
 epoch's checkpoint is written, so the previous one stays valid.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from dsonas import cost, optim  # noqa: F401  (optim registers the "apgnag" optimizer)
+from dsonas import cost, distributed, optim  # noqa: F401  (optim registers the "apgnag" optimizer)
 from dsonas.checkpoint import load_checkpoint, named_parameters, reseed, save_checkpoint
 from dsonas.data import make_datasets, make_loaders
 from dsonas.genotype import BlockMask, Genotype, derive_mask
@@ -40,7 +41,6 @@ from dsonas.loop import (
     check_batch_size,
     check_finite,
     evaluate,
-    make_trainer,
     progress,
     split_batch,
     train_step,
@@ -64,6 +64,7 @@ class Session:
     log: object        # callable(str)
     loss_fn: object
     twin: object = None  # inference-only copy of the supernet, see evaluate_twin
+    dist: object = None  # dsonas.distributed.Cluster: kvstore, rank, sharding, who writes
 
     @property
     def spec(self):
@@ -104,12 +105,16 @@ def contexts(names):
     return out
 
 
-def prepare(cfg, ctx_list, kvstore, log=print):
+def prepare(cfg, ctx_list, kvstore, log=print, cluster=None):
     """Data, loaders and the initialized, hybridized supernet of `cfg` on `ctx_list`."""
+    cluster = cluster or distributed.connect(kvstore)
     check_batch_size(cfg.data.batch_size, ctx_list, "data.batch_size")
+    cluster.check_batch_size(cfg.data.batch_size, len(ctx_list), "data.batch_size")
     reseed(cfg.seed, "init", 0)
     bundle = make_datasets(cfg.data)
     loaders = make_loaders(bundle, cfg.data, seed=cfg.seed, split=cfg.search.split)
+    loaders = dataclasses.replace(loaders, w=cluster.shard(loaders.w), lam=cluster.shard(loaders.lam),
+                                  train=cluster.shard(loaders.train))
     net = build_supernet(cfg.space, cfg.skeleton, bundle.num_classes, bundle.input_size)
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2), ctx=ctx_list)
     params = named_parameters(net)
@@ -118,23 +123,22 @@ def prepare(cfg, ctx_list, kvstore, log=print):
     net.hybridize(static_alloc=True)
     return Session(cfg=cfg, ctx=list(ctx_list), kvstore=kvstore, loaders=loaders, net=net, params=params,
                    input_shape=(1, 3, bundle.input_size, bundle.input_size), log=log,
-                   loss_fn=gluon.loss.SoftmaxCrossEntropyLoss())
+                   loss_fn=gluon.loss.SoftmaxCrossEntropyLoss(), dist=cluster)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
 def _w_trainer(s, stage_cfg):
-    return make_trainer(s.net.weight_params(), "nag",
-                        {"learning_rate": stage_cfg.lr, "momentum": stage_cfg.momentum, "wd": stage_cfg.wd},
-                        kvstore=s.kvstore)
+    return s.dist.trainer(s.net.weight_params(), "nag",
+                          {"learning_rate": stage_cfg.lr, "momentum": stage_cfg.momentum, "wd": stage_cfg.wd})
 
 
 def _lam_trainer(s):
     c = s.cfg.search
-    return make_trainer(s.net.lambda_params(), "apgnag",
-                        {"learning_rate": c.lambda_lr, "momentum": c.lambda_momentum, "gamma": c.gamma},
-                        kvstore=s.kvstore, update_on_kvstore=False)
+    return s.dist.trainer(s.net.lambda_params(), "apgnag",
+                          {"learning_rate": c.lambda_lr, "momentum": c.lambda_momentum, "gamma": c.gamma},
+                          update_on_kvstore=False)
 
 
 def _derive(s, masks):
@@ -318,6 +322,7 @@ def pretrain(s, run_dir, resume=False):
         start, iteration = meta["epoch"], meta["iteration"]
         if start < c.epochs:
             s.log(f"pretrain: resuming after epoch {start}/{c.epochs}")
+    s.dist.start([trainer])
     masks = s.net.masks
     derived_cost = _DerivedCost()
     for epoch in range(start, c.epochs):
@@ -338,8 +343,9 @@ def pretrain(s, run_dir, resume=False):
         check_finite(w[0], "pretrain", epoch, iteration, ["pretrain.lr"])
         # The λ part is not trained on here: its accuracy (inference mode) tracks generalization.
         lam = evaluate_twin(s, s.lam_loader)
-        save_checkpoint(path, s.params, {"w": trainer},
-                        {"stage": "pretrain", "epoch": epoch + 1, "iteration": iteration})
+        if s.dist.is_writer:
+            save_checkpoint(path, s.params, {"w": trainer},
+                            {"stage": "pretrain", "epoch": epoch + 1, "iteration": iteration})
         _record(s, run_dir, "pretrain", epoch, c.epochs, iteration, w, lam, masks, derived_cost,
                 time.perf_counter() - began)
 
@@ -375,6 +381,7 @@ def search(s, run_dir, resume=False):
         _apply_masks(s, state.masks, lam_trainer)
         if state.epoch < c.epochs:
             s.log(f"search: resuming after epoch {state.epoch}/{c.epochs}")
+    s.dist.start([w_trainer, lam_trainer])
     penalty = _penalty(s)
     adaptive = c.penalty != "none"
     lr_keys = ["search.lr", "search.lambda_lr"]
@@ -413,8 +420,9 @@ def search(s, run_dir, resume=False):
             state.masks = _derive(s, state.masks)
             _apply_masks(s, state.masks, lam_trainer)
         state.epoch = epoch + 1
-        save_checkpoint(path, s.params, trainers, {"stage": "search", "epoch": state.epoch,
-                                                   "iteration": state.iteration, "masks": state.masks})
+        if s.dist.is_writer:
+            save_checkpoint(path, s.params, trainers, {"stage": "search", "epoch": state.epoch,
+                                                       "iteration": state.iteration, "masks": state.masks})
         _record(s, run_dir, "search", epoch, c.epochs, state.iteration, w, lam, state.masks, derived_cost,
                 time.perf_counter() - began)
     return state
@@ -425,7 +433,8 @@ def derive(s, run_dir, masks):
     masks = _derive(s, masks)
     genotype = genotype_of(s, masks)
     path = run_dir.path / "genotype.json"
-    genotype.save(path)
+    if s.dist.is_writer:
+        genotype.save(path)
     params, macs = _DerivedCost()(s, masks)
     test_loss, test_acc = evaluate_twin(s, s.loaders.test)
     summary = {
@@ -455,13 +464,13 @@ def format_summary(result):
             f"genotype written to {result.path}")
 
 
-def run_search(cfg, run_dir, ctx_list=None, kvstore=None, resume=False):
+def run_search(cfg, run_dir, ctx_list=None, kvstore=None, resume=False, cluster=None):
     """The whole pipeline of `cfg` in `run_dir` (a RunDir); with `resume`, continue from its checkpoints.
 
     ctx_list / kvstore default to cfg.runtime.ctx / cfg.runtime.kvstore. Returns a SearchResult.
     """
     ctx_list = ctx_list or contexts(cfg.runtime.ctx)
-    s = prepare(cfg, ctx_list, kvstore or cfg.runtime.kvstore, log=run_dir.log)
+    s = prepare(cfg, ctx_list, kvstore or cfg.runtime.kvstore, log=run_dir.log, cluster=cluster)
     searched = resume and run_dir.checkpoint_path("search").exists()
     if not searched:  # a search checkpoint already holds the pretrained weights
         pretrain(s, run_dir, resume=resume)

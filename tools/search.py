@@ -35,12 +35,20 @@ def main(argv=None):
     from dsonas.config import config_to_dict
     from dsonas.runs import RunDir
 
-    # Before importing mxnet: a refused run folder is reported at once.
-    run = RunDir.create(args.out, cfg.name, config_to_dict(cfg), resume=args.resume, force=args.force)
+    cluster = None
+    if cfg.runtime.kvstore.startswith("dist"):  # joining the cluster (imports mxnet) tells the rank
+        from dsonas import distributed
+        cluster = distributed.connect(cfg.runtime.kvstore)
+    if cluster is None or cluster.is_writer:  # only rank 0 writes the run folder
+        # Before importing mxnet: a refused run folder is reported at once.
+        run = RunDir.create(args.out, cfg.name, config_to_dict(cfg), resume=args.resume, force=args.force)
+    else:
+        run = distributed.ReaderRun(f"{args.out}/{cfg.name}", cluster.rank)
     from dsonas import engine  # imports mxnet
     result = engine.run_search(cfg, run, engine.contexts(cfg.runtime.ctx), cfg.runtime.kvstore,
-                               resume=args.resume)
-    print(engine.format_summary(result))
+                               resume=args.resume, cluster=cluster)
+    if cluster is None or cluster.is_writer:
+        print(engine.format_summary(result))
     return 0
 
 
