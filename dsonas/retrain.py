@@ -143,7 +143,7 @@ def saved_width_mult(params_path):
         return None
 
 
-def test_data(cfg, genotype=None):
+def eval_data(cfg, genotype=None):
     """(test loader, DataBundle) of the configured data, checked against `genotype` when given."""
     bundle = make_datasets(cfg.data)
     if genotype is not None:
@@ -159,7 +159,7 @@ def evaluate_net(net, loader, ctx_list):
 
 def evaluate_params(cfg, genotype, params_path, width_mult, ctx_list):
     """Test loss/accuracy and costs of retrained weights, without a run folder (`--eval-only`)."""
-    loader, _ = test_data(cfg, genotype)
+    loader, _ = eval_data(cfg, genotype)
     net = deploy_net(genotype, width_mult)
     load_params(net, params_path, ctx_list, width_mult)
     net.hybridize(static_alloc=True)

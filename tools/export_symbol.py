@@ -51,7 +51,7 @@ def main(argv=None):
     ctx = contexts(cfg.runtime.ctx)[:1]
     net = rt.deploy_net(genotype, width)
     rt.load_params(net, args.params, ctx, width)
-    loader, bundle = rt.test_data(cfg, genotype)
+    loader, bundle = rt.eval_data(cfg, genotype)
     size = args.input_size or genotype.skeleton.input_size
     meta = {"genotype": os.path.abspath(args.genotype), "source_params": os.path.abspath(args.params),
             "width_mult": width, "preprocess": "RGB NCHW, scaled to [0, 1], minus mean, divided by std",
