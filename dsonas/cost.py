@@ -10,6 +10,9 @@ Conventions (every figure this module prints or returns follows them):
   weight's `Cin/groups`), Deconvolution, FullyConnected, dot, batch_dot. Biases, BN, pooling, activations
   and elementwise ops add no MACs, as in the published figures (MobileNet 569M; ResNet-50 3.86G with the
   stride on the first 1x1 conv as in the original/GluonCV v1, 4.09G with it on the 3x3 as in v1b).
+  Weight entries that are structural zeros (a weight concatenated from a `zeros_like` piece, as the
+  split 5x5 depthwise of dsonas.ops builds) do no work in the model and are not counted, so a 5x5
+  depthwise costs 25 MACs per output whichever way it runs.
   **FLOPs = 2 × MACs**; wherever both appear they are labelled.
 * **mac** — memory access cost in the ShuffleNet V2 sense (G1-G4), in *elements* (×4 for fp32 bytes):
   per layer, every input feature map read + every output written + every weight/state read, assuming a
@@ -204,6 +207,17 @@ def _flag(attrs, name, default):
     return attrs.get(name, str(default)) in ("True", "true", "1")
 
 
+def _zero_fraction(nodes, shapes, entry):
+    """Share of the tensor at graph entry (node, output) that is structurally zero: the zeros_like parts
+    of a Concat (one level deep, which is how dsonas builds padded weights)."""
+    node = nodes[entry[0]]
+    if node["op"] not in ("Concat", "concat"):
+        return 0.0
+    zero = sum(_prod(shapes[(src, idx)]) for src, idx, _ in node["inputs"]
+               if nodes[src]["op"] == "zeros_like")
+    return zero / _prod(shapes[entry])
+
+
 def _node_macs(op, attrs, in_shapes, out_shapes):
     out = _prod(out_shapes[0])
     if op == "Convolution":  # weight (Cout, Cin/groups, *kernel)
@@ -266,8 +280,10 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
             if src in learnable and src not in seen:
                 seen.add(src)
                 params += _prod(shapes[(src, 0)])
-        layers.append(LayerCost(node["name"], op, _node_macs(op, attrs, in_shapes, outs), mac, params,
-                                outs[0]))
+        macs = _node_macs(op, attrs, in_shapes, outs)
+        if macs and op in ("Convolution", "Deconvolution"):
+            macs = int(round(macs * (1.0 - _zero_fraction(nodes, shapes, tuple(node["inputs"][1][:2])))))
+        layers.append(LayerCost(node["name"], op, macs, mac, params, outs[0]))
     side_by_side = {}
     for nid, node in enumerate(nodes):
         if node["op"] in FRAGMENT_OPS:
