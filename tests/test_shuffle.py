@@ -247,9 +247,17 @@ def test_shuffle_supernet_derives_shufflenasnet_cells():
     genotype = Genotype.from_network(net, max_inputs_per_op=1)
     (mask,) = genotype.masks
     assert all(len(mask.inputs[o]) == 1 for o in mask.live_slots())
-    derived = compile_genotype(genotype)
+    derived = compile_genotype(genotype, aux=True, drop_path=0.2)
     derived.initialize()
-    assert derived(rand(2, 3, 8, 8)).shape == (2, 4)
+    logits, aux = derived(rand(2, 3, 8, 8))
+    assert logits.shape == aux.shape == (2, 4)
+    # Shrinking the supernet in place (what search does every epoch) works inside the units too.
+    net.set_masks([mask] * net.num_blocks)
+    assert net.masks == [mask] * 3 and net(rand(2, 3, 8, 8)).shape == (2, 4)
+    dead = [o for o in range(SHUFFLE.num_op_slots)
+            if not mask.inputs[o] and SHUFFLE.op_name(o) in ("sep_conv_3x3", "sep_conv_5x5", "conv_1x1")]
+    assert dead and all(p.grad_req == "null" for o in dead
+                        for p in net.collect_params(f".*cell0_op{o}_.*weight").values())
 
 
 def test_search_configs():
