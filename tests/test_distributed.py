@@ -108,7 +108,6 @@ WORKER = textwrap.dedent("""
     import mxnet as mx
     from dsonas import distributed, engine
     from dsonas.config import config_to_dict, load_config
-from dsonas.loop import Meter, split_batch, train_step
     from dsonas.runs import RunDir
     cfg = load_config(None, {tiny!r})
     cluster = distributed.connect("dist_sync")
