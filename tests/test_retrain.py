@@ -179,6 +179,21 @@ def test_resume_is_bit_exact_on_the_naive_engine(trained, tmp_path):
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
+def test_two_devices_and_a_resume_that_extends_the_epochs(tmp_path):
+    """split_and_load over two CPU contexts; a finished run resumed with more epochs keeps its schedule."""
+    devices = [mx.cpu(0), mx.cpu(1)]
+    short = load_config(None, [*TINY, "data.limit_train=128", "retrain.epochs=1"])
+    run = RunDir.create(tmp_path, "two", config_to_dict(short))
+    rt.retrain(short, genotype(), run, devices, kvstore="device", log=lambda msg: None)
+    longer = load_config(None, [*TINY, "data.limit_train=128"])
+    run = RunDir.create(tmp_path, "two", config_to_dict(longer), resume=True)
+    result = rt.retrain(longer, genotype(), run, devices, kvstore="device", resume=True, log=lambda msg: None)
+    schedule = make_schedule(longer.retrain, 4)
+    assert [(r["epoch"], r["iteration"], r["lr"]) for r in run.read_metrics()] == [(1, 4, schedule(4)),
+                                                                                  (2, 8, schedule(8))]
+    assert result.summary["epochs_done"] == 2
+
+
 def test_resume_refuses_another_genotype(trained, tmp_path):
     cfg, run, _ = trained
     other = genotype([BlockMask.full(SPEC)])
