@@ -47,7 +47,7 @@ from dsonas.loop import (
     trainer_optimizer,
 )
 from dsonas.network import build_supernet, compile_genotype
-from dsonas.penalty import COST_METRIC, BlockCosts, make_penalty
+from dsonas.penalty import COST_METRIC, make_penalty
 
 
 @dataclass
@@ -188,19 +188,12 @@ def _apply_masks(s, masks, lam_trainer):
 
 
 def _penalty(s):
-    """The γ source of search.penalty, with per-op costs of every block for the adaptive kinds."""
+    """The γ source of search.penalty, with the per-op-slot costs of every block for the adaptive kinds."""
     c = s.cfg.search
     if c.penalty == "none":
         return make_penalty("none", c.gamma, shared=s.net.shared)
-    geometry = cost.block_geometry(s.net, s.input_shape)
     table = cost.LatencyTable(ctx=s.ctx[0]) if c.penalty == "latency" else None
-    costs = []
-    for channels, resolution in geometry:
-        if table is not None:
-            op = table.op_costs(s.spec, channels, resolution)
-        else:
-            op = cost.op_costs(s.spec, channels, resolution)[COST_METRIC[c.penalty]]
-        costs.append(BlockCosts(op=np.asarray(op, dtype=np.float64)))
+    costs = cost.network_slot_costs(s.net, COST_METRIC[c.penalty], s.input_shape, latency_table=table)
     if table is not None:
         table.save()
     return make_penalty(c.penalty, c.gamma, costs=costs, shared=s.net.shared)

@@ -147,3 +147,19 @@ def test_reseed_makes_epochs_reproducible():
     checkpoint.reseed(3, "search", 6)
     c = np.random.rand()
     assert a[0] == b[0] and np.array_equal(a[1], b[1]) and c != a[0]
+
+
+@pytest.mark.parametrize("kind", ["flops", "mac"])
+def test_budget_penalties_hand_per_lambda_gamma_to_apg_nag(kind, tmp_path):
+    cfg = tiny_cfg(f"search.penalty={kind}", "search.epochs=1", "search.ratio=[1,1]")
+    s = engine.prepare(cfg, [mx.cpu()], "device", log=lambda msg: None)
+    trainer = engine._lam_trainer(s)
+    masks = s.net.masks
+    engine._apply_gamma(s, engine._penalty(s), masks, trainer)
+    gammas = [engine.trainer_optimizer(trainer).gamma_of(i) for i in range(len(s.net.lambda_params()))]
+    values = np.concatenate([np.ravel(g) for g in gammas])
+    assert all(isinstance(g, np.ndarray) for g in gammas)
+    assert (values > 0).all() and (values <= cfg.search.gamma + 1e-9).all()
+    if kind == "mac":  # Eq. 10: per-op costs differ, so do the γ
+        assert values.min() < values.max()
+    engine.search(s, new_run(tmp_path, "run", cfg))  # and the search runs with them
