@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mxnet import gluon
 
-from dsonas import checkpoint, engine
+from dsonas import checkpoint, engine, loop
 from dsonas.config import config_to_dict, load_config
 from dsonas.errors import RunFolderError, TrainingError
 from dsonas.genotype import Genotype
@@ -126,7 +126,7 @@ def test_checkpoint_from_another_network_is_refused(tmp_path):
     cfg = tiny_cfg()
     run = new_run(tmp_path, "run", cfg)
     s = engine.prepare(cfg, [mx.cpu()], "device", log=run.log)
-    trainer = engine.make_trainer(s.net.weight_params(), "nag", {"learning_rate": 0.1}, "device")
+    trainer = loop.make_trainer(s.net.weight_params(), "nag", {"learning_rate": 0.1}, "device")
     checkpoint.save_checkpoint(run.checkpoint_path("pretrain"), s.params, {"w": trainer}, {"epoch": 1})
     other = engine.prepare(tiny_cfg("skeleton.filters=16"), [mx.cpu()], "device", log=run.log)
     with pytest.raises(RunFolderError, match="does not match the network|has shape"):
