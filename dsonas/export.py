@@ -73,10 +73,10 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
     """
     from .cost import count
 
+    if onnx and fuse_bn:  # refused first: no onnx install can convert the fused graph
+        raise ExportError("--onnx cannot convert the oneDNN-fused graph: drop --fuse-bn to export ONNX")
     if onnx:
         onnx_available()
-        if fuse_bn:
-            raise ExportError("--onnx cannot convert the oneDNN-fused graph: drop --fuse-bn to export ONNX")
     ctx = ctx or mx.cpu()
     input_shape = tuple(int(d) for d in input_shape)
     x = mx.nd.array(np.random.RandomState(seed).standard_normal(input_shape), ctx=ctx)
