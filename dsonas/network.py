@@ -71,7 +71,7 @@ class DsoNet(nn.HybridBlock):
     """
 
     def __init__(self, skeleton, spec, masks, searchable, shared, width_mult=1.0, bn_scale=True, dropout=0.0,
-                 drop_path=0.0, aux=False, formulation="fast", bypass=None, cell_bn=False, prefix="dsonet_",
+                 drop_path=0.0, aux=False, formulation="fast", bypass=None, cell_bn=None, prefix="dsonet_",
                  **kwargs):
         super().__init__(prefix=prefix, **kwargs)
         masks = list(masks)
@@ -79,7 +79,7 @@ class DsoNet(nn.HybridBlock):
             raise ValueError(f"expected {skeleton.num_blocks} masks (one per block), got {len(masks)}")
         if aux and len(skeleton.stages) < 2:
             raise ConfigError("retrain.aux_weight: the auxiliary head needs at least 2 stages; set it to 0")
-        if not skeleton.is_shuffle and (bypass is not None or cell_bn):
+        if not skeleton.is_shuffle and (bypass is not None or cell_bn is not None):
             raise ConfigError(f"bypass and cell_bn apply to shuffle skeletons, not {skeleton.kind!r}")
         self.skeleton, self.spec = skeleton, spec
         self.searchable, self.shared, self.aux = searchable, shared, aux
@@ -134,7 +134,10 @@ class DsoNet(nn.HybridBlock):
         return widths[-1]
 
     def _build_shuffle(self, widths, bn_scale, bypass, cell_bn):
-        """Stem, one ShuffleNet V2 unit per block, the kind's head; returns the pooled width."""
+        """Stem, one ShuffleNet V2 unit per block, the kind's head; returns the pooled width.
+
+        cell_bn None: BN after a cell's sum exactly when it sums two or more ops (see dsonas.shuffle).
+        """
         kind = self.skeleton.kind
         self.stem = shuffle.stem(kind, widths[0], bn_scale)
         strides = iter(shuffle.unit_strides(kind, self.skeleton.stages))
@@ -142,8 +145,9 @@ class DsoNet(nn.HybridBlock):
         for stage, count in enumerate(self.skeleton.stages):
             for _ in range(count):
                 cell = self._make_cell(block, widths[stage] // 2, residual=False)
+                norm = len(cell.mask.outputs) > 1 if cell_bn is None else cell_bn
                 unit = shuffle.ShuffleUnit(in_channels, widths[stage], next(strides), cell, bn_scale, bypass,
-                                           cell_bn, prefix=f"unit{block}_")
+                                           norm, prefix=f"unit{block}_")
                 self.register_child(unit, f"unit{block}")
                 self._layers.append((block, unit))
                 in_channels, block = widths[stage], block + 1
@@ -264,9 +268,7 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
 
     space.kind share / full: one λ set for all blocks / one per block, on a cifar or imagenet skeleton.
     space.kind shuffle: one λ set (one cell, as ShuffleNASNet searches) for every unit of a shuffle_*
-    skeleton, with BN after each cell's sum: without a 1x1 merge or residual to re-scale it, the plain sum
-    of every op (identities included) grows geometrically from unit to unit, and pretraining diverged
-    (loss 1e19 after one epoch of configs/shuffle_default.yaml, NaN in the second).
+    skeleton (BN after each cell's sum, as for every shuffle cell summing several ops).
     """
     spec = BlockSpec.from_config(space_cfg)
     skeleton = Skeleton.from_config(skeleton_cfg, num_classes, input_size)
@@ -281,14 +283,15 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
                           f"{space_cfg.kind!r}; set space.kind=shuffle or a cifar/imagenet skeleton")
     masks = [BlockMask.full(spec)] * skeleton.num_blocks
     return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind != "full", bn_scale=False,
-                  formulation=formulation, cell_bn=skeleton.is_shuffle)
+                  formulation=formulation)
 
 
 def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False, bypass=None,
-                     cell_bn=False):
+                     cell_bn=None):
     """The derived net of a genotype, for retraining from scratch (BN scale learnable, no λ).
 
-    bypass / cell_bn: shuffle skeletons only (dsonas.shuffle); None = the skeleton kind's default bypass.
+    bypass / cell_bn: shuffle skeletons only (dsonas.shuffle); None = the skeleton kind's default bypass /
+    BN after the cells that sum two or more ops.
     """
     return DsoNet(genotype.skeleton, genotype.spec, genotype.block_masks(), searchable=False,
                   shared=genotype.shared, width_mult=width_mult, bn_scale=True, dropout=dropout,

@@ -19,7 +19,11 @@
 
 A block inside a unit has no residual add: the bypassed half already is the skip path (and a
 ShuffleNASNet cell outputs the sum of its ops). `cell_bn` adds ShuffleNASNets' optional BatchNorm after
-that sum (§IV-D: it pairs with strong drop-path on large models).
+that sum (§IV-D). The network puts it exactly where a cell sums two or more ops unless told otherwise:
+a sum of k normalized maps (identities included) has about k times their scale, and through a stack of
+units that compounds geometrically. Measured on configs/shuffle_default.yaml: without it the supernet's
+pretraining reached loss 1e19 after one epoch and NaN in the second, and a searched 16-op cell retrained
+to a test loss of 3e7. A single-output cell (ShuffleNet V2's branch ends in conv-BN-ReLU) needs none.
 
 The channel shuffle uses only ONNX-exportable reshapes: codes 0 (copy) and -1 (infer), a swap of two
 axes, and `reshape_like` back to the input's shape (no -3/-4 split/merge codes).

@@ -134,6 +134,17 @@ def test_shufflenasnet_genotype_compiles_and_hybridizes():
         inside = r.within(f"{net.prefix}cell{b}_")
         assert all(per_block[m][b] == inside[m] for m in cost.METRICS), b
     assert r.elementwise["add"]["ops"] == SKELETON.num_blocks  # each cell's sum of two ops; no residual add
+    # BN after a sum of several ops by default (ShuffleNASNets' option; it keeps the scale from compounding)
+    assert [u.cell_bn is not None for u in units(net)] == [True] * SKELETON.num_blocks
+    assert all(u.cell_bn is None for u in units(compile_genotype(genotype, cell_bn=False)))
+    one_output = BlockMask(inputs=CELL.inputs[:12] + ((),) * 6, outputs=(10,))
+    assert units(compile_genotype(Genotype(SKELETON, SHUFFLE, True, [one_output])))[0].cell_bn is None
+
+
+def units(net):
+    found = []
+    net.apply(lambda b: found.append(b) if isinstance(b, ShuffleUnit) else None)
+    return found
 
 
 def test_skeleton_layout_and_validation():
