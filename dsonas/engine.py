@@ -116,7 +116,7 @@ def prepare(cfg, ctx_list, kvstore, log=print, cluster=None):
     loaders = dataclasses.replace(loaders, w=cluster.shard(loaders.w), lam=cluster.shard(loaders.lam),
                                   train=cluster.shard(loaders.train))
     net = build_supernet(cfg.space, cfg.skeleton, bundle.num_classes, bundle.input_size)
-    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx_list)
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2), ctx=ctx_list)
     params = named_parameters(net)
     # static_alloc only: with static_shape=True as well, mxnet 1.9.1 + oneDNN computes wrong gradients on
     # this graph (bench/README.md); static_alloc alone matches imperative gradients and is as fast.
