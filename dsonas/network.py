@@ -29,7 +29,7 @@ from dsonas import shuffle
 from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
-from dsonas.space import BlockSpec, Skeleton
+from dsonas.space import BlockSpec, Skeleton, check_space_kind
 
 
 def scale_channels(channels, width_mult):
@@ -274,13 +274,7 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
     skeleton = Skeleton.from_config(skeleton_cfg, num_classes, input_size)
     if space_cfg.kind not in ("share", "full", "shuffle"):
         raise ConfigError(f"space.kind: expected share, full or shuffle, got {space_cfg.kind!r}")
-    if space_cfg.kind == "shuffle" and not skeleton.is_shuffle:
-        raise ConfigError(f"space.kind: shuffle searches a cell inside ShuffleNet V2 units, but "
-                          f"skeleton.kind is {skeleton.kind!r}; set skeleton.kind to shuffle_cifar or "
-                          f"shuffle_imagenet (see configs/shuffle_default.yaml)")
-    if space_cfg.kind != "shuffle" and skeleton.is_shuffle:
-        raise ConfigError(f"skeleton.kind: {skeleton.kind} is searched with space.kind shuffle, not "
-                          f"{space_cfg.kind!r}; set space.kind=shuffle or a cifar/imagenet skeleton")
+    check_space_kind(space_cfg.kind, skeleton.kind)
     masks = [BlockMask.full(spec)] * skeleton.num_blocks
     return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind != "full", bn_scale=False,
                   formulation=formulation)

@@ -37,6 +37,20 @@ SKELETON_KINDS = ("cifar", "imagenet", "shuffle_cifar", "shuffle_imagenet")
 SHUFFLE_KINDS = ("shuffle_cifar", "shuffle_imagenet")
 
 
+def check_space_kind(space_kind, skeleton_kind):
+    """Raise ConfigError unless the search space kind fits the skeleton: `shuffle` searches one cell inside
+    the ShuffleNet V2 units of a shuffle_* skeleton; `share` / `full` search DSO blocks of a cifar /
+    imagenet skeleton. No MXNet needed, so a tool can check a config before creating a run folder."""
+    shuffle_skeleton = skeleton_kind in SHUFFLE_KINDS
+    if space_kind == "shuffle" and not shuffle_skeleton:
+        raise ConfigError(f"space.kind: shuffle searches a cell inside ShuffleNet V2 units, but "
+                          f"skeleton.kind is {skeleton_kind!r}; set skeleton.kind to shuffle_cifar or "
+                          f"shuffle_imagenet (see configs/shuffle_default.yaml)")
+    if space_kind != "shuffle" and shuffle_skeleton:
+        raise ConfigError(f"skeleton.kind: {skeleton_kind} is searched with space.kind shuffle, not "
+                          f"{space_kind!r}; set space.kind=shuffle or a cifar/imagenet skeleton")
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -25,7 +25,7 @@ from dsonas.shuffle import (
     shufflenet_v2_genotype,
     unit_strides,
 )
-from dsonas.space import OP_SETS, BlockSpec, Skeleton
+from dsonas.space import OP_SETS, BlockSpec, Skeleton, check_space_kind
 
 REPO = Path(__file__).resolve().parent.parent
 GENOTYPES = REPO / "configs" / "genotypes"
@@ -278,6 +278,10 @@ def test_search_configs():
     with pytest.raises(ConfigError, match="space.kind"):
         build_supernet(SimpleNamespace(**{**vars(cfg.space), "kind": "shuffle"}),
                        SimpleNamespace(**{**vars(cfg.skeleton), "kind": "cifar"}), 10, 32)
+    check_space_kind("shuffle", "shuffle_imagenet")
+    check_space_kind("full", "cifar")
+    with pytest.raises(ConfigError, match="skeleton.kind"):
+        check_space_kind("share", "shuffle_cifar")
     mobile = load_config(REPO / "configs" / "mobile_full.yaml")
     assert mobile.space.kind == "full" and tuple(mobile.space.ops) == OP_SETS["mobile"]
 
