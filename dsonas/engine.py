@@ -264,7 +264,7 @@ def genotype_of(s, masks, with_lambdas=True):
 
 
 class _DerivedCost:
-    """Params and MACs of the derived net of a set of masks, counted once per distinct masks."""
+    """Params and MACs of the derived net of a set of masks, and MACs per block, counted once per masks."""
 
     def __init__(self):
         self._cache = {}
@@ -273,7 +273,9 @@ class _DerivedCost:
         key = tuple(masks)
         if key not in self._cache:
             report = cost.count(compile_genotype(genotype_of(s, masks, with_lambdas=False)), s.input_shape)
-            self._cache[key] = (report.params, report.macs)
+            blocks = cost.network_block_costs(s.net, masks=list(masks), input_shape=s.input_shape)["macs"]
+            self._cache[key] = {"derived_params": report.params, "derived_macs": report.macs,
+                                "block_macs": blocks.tolist()}
         return self._cache[key]
 
 
@@ -291,18 +293,23 @@ def _live_ops_text(live_ops, n_slots):
 
 
 def _record(s, run_dir, stage, epoch, epochs, iteration, w, lam, masks, derived_cost, seconds):
-    """One metrics.jsonl record and one log line at the end of an epoch."""
-    params, macs = derived_cost(s, masks)
+    """One metrics.jsonl record and one log line at the end of an epoch.
+
+    Besides the scalars, the record keeps the λ values (one dict per λ set, as in genotype.json) and the
+    live MACs of every block, so reports can draw λ trajectories and the per-block FLOPs (Fig. 5a).
+    """
+    costs = derived_cost(s, masks)
     live_ops = [len(m.live_slots()) for m in masks]
+    lambdas = s.net.lambdas_numpy()
     rec = {"stage": stage, "epoch": epoch + 1, "epochs": epochs, "iteration": iteration,
            "w_loss": w[0], "w_acc": w[1], "lam_loss": lam[0], "lam_acc": lam[1],
-           "sparsity": sparsity(s), "live_ops": live_ops, "derived_params": params, "derived_macs": macs,
-           "epoch_time": round(seconds, 3)}
+           "sparsity": sparsity(s), "live_ops": live_ops, **costs, "epoch_time": round(seconds, 3),
+           "lambdas": lambdas[:1] if s.net.shared else lambdas}
     run_dir.write_metrics(rec)
     s.log(f"{stage} epoch {epoch + 1}/{epochs}: W loss {w[0]:.4f} acc {w[1]:.4f} | λ-part loss {lam[0]:.4f} "
           f"acc {lam[1]:.4f} | sparsity {rec['sparsity']:.3f} | live ops "
-          f"{_live_ops_text(live_ops, s.spec.num_op_slots)} | derived {_human(params)} params, "
-          f"{_human(macs)} MACs | {seconds:.1f} s")
+          f"{_live_ops_text(live_ops, s.spec.num_op_slots)} | derived {_human(costs['derived_params'])} "
+          f"params, {_human(costs['derived_macs'])} MACs | {seconds:.1f} s")
     return rec
 
 
@@ -451,7 +458,8 @@ def derive(s, run_dir, masks):
     path = run_dir.path / "genotype.json"
     if s.dist.is_writer:
         genotype.save(path)
-    params, macs = _DerivedCost()(s, masks)
+    costs = _DerivedCost()(s, masks)
+    params, macs = costs["derived_params"], costs["derived_macs"]
     test_loss, test_acc = evaluate_twin(s, s.loaders.test)
     summary = {
         "genotype": str(path),

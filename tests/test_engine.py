@@ -12,6 +12,7 @@ from dsonas.config import config_to_dict, load_config
 from dsonas.errors import RunFolderError, TrainingError
 from dsonas.genotype import Genotype
 from dsonas.network import compile_genotype
+from dsonas.report import build_report
 from dsonas.runs import RunDir
 
 # 120 digits (60 W + 60 λ, 3 batches each), 16x16 inputs, two 3-level blocks of 8 filters. Ratio 1:3 and a
@@ -64,7 +65,8 @@ def test_metrics_and_checkpoints_per_epoch(straight):
         for key in ("w_loss", "w_acc", "lam_loss", "lam_acc", "sparsity", "derived_params", "derived_macs",
                     "epoch_time"):
             assert math.isfinite(r[key]), key
-        assert len(r["live_ops"]) == 2
+        assert len(r["live_ops"]) == len(r["block_macs"]) == 2
+        assert len(r["lambdas"]) == 1 and set(r["lambdas"][0]) == {"in2", "in3", "out"}  # one shared λ set
     assert records[0]["sparsity"] == 0  # λ is not trained during pretrain
     # Pruned (and shrunk) after the first search epoch already, more after the second, never everything.
     assert 0 < records[1]["sparsity"] < records[2]["sparsity"] < 1
@@ -73,6 +75,14 @@ def test_metrics_and_checkpoints_per_epoch(straight):
     meta = checkpoint.read_meta(run.checkpoint_path("search"))
     assert meta["epoch"] == 2 and meta["iteration"] == 24 and len(meta["masks"]) == 2
     assert "search epoch 2/2" in (run.path / "log.txt").read_text()
+
+
+def test_report_reads_a_real_search_run(straight):
+    _, run = straight
+    files = build_report(run)
+    for name in ("lambda.png", "sparsity.png", "accuracy.png", "genotype.png", "report.md"):
+        assert name in files, name
+    assert "λ trajectories" in (run.path / "report" / "report.md").read_text()
 
 
 def test_resume_after_interrupted_search_matches_uninterrupted(straight, tmp_path, monkeypatch):
