@@ -8,7 +8,7 @@ naming the dotted key.
 
 Field metadata drives the checks: `choices` (allowed values), `min`/`max` (inclusive bounds),
 `exclusive_min`, `below` (exclusive upper bound), `pattern`, and for lists `length`, `min_length`,
-`unique`, `item_min` and `item_pattern`.
+`unique`, `item_min`, `item_pattern` and `presets` (names standing for whole lists: `space.ops: mobile`).
 """
 
 import math
@@ -21,8 +21,11 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .space import OP_SETS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# The shuffle space needs a shuffle_* skeleton, which default.yaml's cifar one is not.
+SHUFFLE_CONFIG = DEFAULT_CONFIG.parent / "shuffle_default.yaml"
 
 
 def _f(default, **checks):
@@ -50,7 +53,8 @@ class SpaceConfig:
     kind: str = _f("share", choices=("share", "full", "shuffle"))
     levels: int = _f(4, min=1)
     ops: list[str] = _f(
-        ["sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3"], min_length=1, unique=True
+        ["sep_conv_3x3", "sep_conv_5x5", "avg_pool_3x3", "max_pool_3x3"], min_length=1, unique=True,
+        presets=OP_SETS,
     )
     merge: str = _f("concat", choices=("concat", "sum"))
     sep_repeats: int = _f(1, min=1)
@@ -284,6 +288,13 @@ def _check_value(key, value, hint, meta):
     (base,) = allowed
     if typing.get_origin(base) is list:
         (item_type,) = typing.get_args(base)
+        presets = meta.get("presets")
+        if presets is not None and isinstance(value, str):
+            # Expanded here, so the saved config.yaml lists the ops the run really used.
+            if value not in presets:
+                raise ConfigError(f"{key}: unknown name {value!r}; give a list or one of the names "
+                                  f"{', '.join(presets)}")
+            value = list(presets[value])
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {_show(value)}")
         value = [_check_scalar(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]

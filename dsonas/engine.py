@@ -260,7 +260,7 @@ def genotype_of(s, masks, with_lambdas=True):
         masks = masks[:1]
         lambdas = lambdas[:1] if lambdas is not None else None
     return Genotype(skeleton=s.net.skeleton, spec=s.spec, shared=s.net.shared, masks=list(masks),
-                    lambdas=lambdas)
+                    lambdas=lambdas, bypass=s.net.bypass, cell_bn=s.net.cell_bn)
 
 
 class _DerivedCost:

@@ -15,6 +15,9 @@ from dsonas.io import atomic_write_json
 from dsonas.space import BlockSpec, Skeleton
 
 GENOTYPE_VERSION = 1
+# dsonas.shuffle.BYPASSES, repeated because that module imports MXNet and genotype files are read without
+# it (tests/test_shuffle.py checks the two agree).
+BYPASSES = ("factorized", "sep_conv_3x3_x2", "shufflenet_v2", "reduction")
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,19 @@ def derive_mask(spec, lambdas, max_inputs_per_op=None, prev_mask=None):
 
 @dataclass
 class Genotype:
-    """A searched architecture: skeleton, block spec and one mask per block (or one shared by all)."""
+    """A searched architecture: skeleton, block spec and one mask per block (or one shared by all).
+
+    bypass / cell_bn: how a shuffle skeleton's units are built (DsoNet's arguments of the same names), so
+    retrain and export compile the net that was searched; None = the defaults, as files without them get.
+    """
 
     skeleton: Skeleton
     spec: BlockSpec
     shared: bool
     masks: list
     lambdas: list = None  # optional, one dict key -> np.ndarray per mask, for reports
+    bypass: str = None
+    cell_bn: bool = None
     version: int = GENOTYPE_VERSION
 
     @property
@@ -159,7 +168,8 @@ class Genotype:
             lambdas, masks = lambdas[:1], masks[:1]
         derived = [derive_mask(net.spec, lam, max_inputs_per_op, prev_mask=mask)
                    for lam, mask in zip(lambdas, masks, strict=True)]
-        return cls(skeleton=net.skeleton, spec=net.spec, shared=net.shared, masks=derived, lambdas=lambdas)
+        return cls(skeleton=net.skeleton, spec=net.spec, shared=net.shared, masks=derived, lambdas=lambdas,
+                   bypass=net.bypass, cell_bn=net.cell_bn)
 
     def to_dict(self):
         return {
@@ -171,6 +181,9 @@ class Genotype:
             "lambdas": None if self.lambdas is None else [
                 {key: np.asarray(value, dtype=float).tolist() for key, value in lam.items()}
                 for lam in self.lambdas],
+            # Only when set, so genotypes without shuffle units (and the shipped ones) keep their format.
+            **{key: value for key, value in (("bypass", self.bypass), ("cell_bn", self.cell_bn))
+               if value is not None},
         }
 
     def save(self, path):
@@ -201,7 +214,7 @@ class Genotype:
     def from_dict(cls, obj, where="genotype"):
         """Validate a parsed genotype document (see to_dict for the format)."""
         _expect_keys(obj, where, required=("version", "skeleton", "space", "shared", "masks"),
-                     optional=("lambdas",))
+                     optional=("lambdas", "bypass", "cell_bn"))
         if obj["version"] != GENOTYPE_VERSION:
             raise GenotypeError(f"{where}.version: expected {GENOTYPE_VERSION}, got {obj['version']!r}; "
                                 f"this dsonas reads version {GENOTYPE_VERSION} files")
@@ -225,7 +238,9 @@ class Genotype:
                 raise GenotypeError(f"{where}.lambdas: expected null or a list of {len(masks)} entries "
                                     f"(one per mask)")
             lambdas = [_parse_lambdas(spec, lam, f"{where}.lambdas[{i}]") for i, lam in enumerate(lambdas)]
-        return cls(skeleton=skeleton, spec=spec, shared=shared, masks=masks, lambdas=lambdas)
+        bypass, cell_bn = _parse_units(obj, skeleton, where)
+        return cls(skeleton=skeleton, spec=spec, shared=shared, masks=masks, lambdas=lambdas, bypass=bypass,
+                   cell_bn=cell_bn)
 
     def summary(self):
         """Human-readable multi-line description (printed at the end of a search)."""
@@ -288,6 +303,22 @@ def _parse_mask(spec, raw, where):
     mask = BlockMask(inputs=inputs, outputs=_int_list(raw["outputs"], f"{where}.outputs", "op slots"))
     check_mask(spec, mask, where)
     return mask
+
+
+def _parse_units(obj, skeleton, where):
+    """(bypass, cell_bn) of a genotype document: null or absent = the defaults."""
+    bypass, cell_bn = obj.get("bypass"), obj.get("cell_bn")
+    if bypass is not None and bypass not in BYPASSES:
+        raise GenotypeError(f"{where}.bypass: unknown bypass {bypass!r}; use one of {', '.join(BYPASSES)} "
+                            f"or null for the skeleton's default")
+    if cell_bn is not None and not isinstance(cell_bn, bool):
+        raise GenotypeError(f"{where}.cell_bn: expected true, false or null (BN after cells that sum "
+                            f"several ops), got {cell_bn!r}")
+    for key, value in (("bypass", bypass), ("cell_bn", cell_bn)):
+        if value is not None and not skeleton.is_shuffle:
+            raise GenotypeError(f"{where}.{key}: applies to shuffle skeletons only, not {skeleton.kind!r}; "
+                                f"remove it")
+    return bypass, cell_bn
 
 
 def _parse_lambdas(spec, raw, where):

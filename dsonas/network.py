@@ -67,7 +67,8 @@ class DsoNet(nn.HybridBlock):
     """A DSO-NAS network: `searchable` = supernet with λ (search), else a derived net (retrain/export).
 
     masks: one BlockMask per block (a `share` net repeats the same mask). `shared` decides how λ are
-    owned (one set for all blocks vs one per block) and is recorded in derived genotypes.
+    owned (one set for all blocks vs one per block) and is recorded in derived genotypes, as are `bypass`
+    (kept resolved to the kind's default: what was searched) and `cell_bn`.
     """
 
     def __init__(self, skeleton, spec, masks, searchable, shared, width_mult=1.0, bn_scale=True, dropout=0.0,
@@ -83,6 +84,8 @@ class DsoNet(nn.HybridBlock):
             raise ConfigError(f"bypass and cell_bn apply to shuffle skeletons, not {skeleton.kind!r}")
         self.skeleton, self.spec = skeleton, spec
         self.searchable, self.shared, self.aux = searchable, shared, aux
+        self.bypass = (bypass or shuffle.DEFAULT_BYPASS[skeleton.kind]) if skeleton.is_shuffle else None
+        self.cell_bn = cell_bn
         self.width_mult = width_mult
         self._cell_args = (masks, searchable, bn_scale, formulation, drop_path)
         widths = [scale_channels(skeleton.filters * 2 ** s, width_mult) for s in range(len(skeleton.stages))]
@@ -91,8 +94,7 @@ class DsoNet(nn.HybridBlock):
         self._nulled = set()     # names of Parameters whose grad_req set_masks turned to 'null'
         with self.name_scope():
             if skeleton.is_shuffle:
-                bypass = bypass or shuffle.DEFAULT_BYPASS[skeleton.kind]
-                features = self._build_shuffle(widths, bn_scale, bypass, cell_bn)
+                features = self._build_shuffle(widths, bn_scale)
             else:
                 features = self._build_dso(widths, bn_scale)
             self.pool = nn.GlobalAvgPool2D()
@@ -133,7 +135,7 @@ class DsoNet(nn.HybridBlock):
         self.head = nn.Activation("relu")
         return widths[-1]
 
-    def _build_shuffle(self, widths, bn_scale, bypass, cell_bn):
+    def _build_shuffle(self, widths, bn_scale):
         """Stem, one ShuffleNet V2 unit per block, the kind's head; returns the pooled width.
 
         cell_bn None: BN after a cell's sum exactly when it sums two or more ops (see dsonas.shuffle).
@@ -145,9 +147,9 @@ class DsoNet(nn.HybridBlock):
         for stage, count in enumerate(self.skeleton.stages):
             for _ in range(count):
                 cell = self._make_cell(block, widths[stage] // 2, residual=False)
-                norm = len(cell.mask.outputs) > 1 if cell_bn is None else cell_bn
-                unit = shuffle.ShuffleUnit(in_channels, widths[stage], next(strides), cell, bn_scale, bypass,
-                                           norm, prefix=f"unit{block}_")
+                norm = len(cell.mask.outputs) > 1 if self.cell_bn is None else self.cell_bn
+                unit = shuffle.ShuffleUnit(in_channels, widths[stage], next(strides), cell, bn_scale,
+                                           self.bypass, norm, prefix=f"unit{block}_")
                 self.register_child(unit, f"unit{block}")
                 self._layers.append((block, unit))
                 in_channels, block = widths[stage], block + 1
@@ -284,9 +286,11 @@ def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=F
                      cell_bn=None):
     """The derived net of a genotype, for retraining from scratch (BN scale learnable, no λ).
 
-    bypass / cell_bn: shuffle skeletons only (dsonas.shuffle); None = the skeleton kind's default bypass /
-    BN after the cells that sum two or more ops.
+    bypass / cell_bn: shuffle skeletons only (dsonas.shuffle), overriding the genotype's own (e.g. for an
+    ablation); None keeps the genotype's, whose None is the skeleton kind's default bypass / BN after the
+    cells that sum two or more ops.
     """
     return DsoNet(genotype.skeleton, genotype.spec, genotype.block_masks(), searchable=False,
                   shared=genotype.shared, width_mult=width_mult, bn_scale=True, dropout=dropout,
-                  drop_path=drop_path, aux=aux, bypass=bypass, cell_bn=cell_bn)
+                  drop_path=drop_path, aux=aux, bypass=bypass or genotype.bypass,
+                  cell_bn=genotype.cell_bn if cell_bn is None else cell_bn)

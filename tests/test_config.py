@@ -185,3 +185,25 @@ def test_cli_errors():
         resolve_config(_args("--data", "imagenet"))
     with pytest.raises(ConfigError, match="space.kind"):
         resolve_config(_args("--space", "bogus"))
+
+
+def test_space_shuffle_without_config_loads_shuffle_default():
+    cfg = resolve_config(_args("--space", "shuffle"))
+    assert (cfg.space.kind, cfg.skeleton.kind, cfg.space.merge) == ("shuffle", "shuffle_cifar", "sum")
+    assert cfg.name == "shuffle_default"
+    assert resolve_config(_args("--space", "shuffle", "--set", "space.merge=concat")).space.merge == "concat"
+    explicit = resolve_config(_args("--space", "shuffle", "--config", str(CONFIGS / "default.yaml")))
+    assert (explicit.space.kind, explicit.skeleton.kind) == ("shuffle", "cifar")  # --config still wins
+    assert resolve_config(_args("--space", "full")).skeleton.kind == "cifar"
+
+
+def test_space_ops_may_name_an_op_set(tmp_path):
+    cfg = load_config(None, ["space.ops=mobile"])
+    assert cfg.space.ops == ["mbconv_k3_e3", "mbconv_k3_e6", "mbconv_k5_e3", "mbconv_k5_e6"]
+    path = tmp_path / "shuffle_ops.yaml"
+    path.write_text("space:\n  ops: shufflenet_v2\n")
+    assert load_config(path).space.ops == ["conv_1x1", "dw_conv_3x3"]
+    assert yaml.safe_load(dump_config(cfg))["space"]["ops"] == cfg.space.ops  # saved expanded
+    with pytest.raises(ConfigError, match="space.ops") as info:
+        load_config(None, ["space.ops=mobil"])
+    assert "'mobil'" in str(info.value) and "dso, shuffle, shufflenet_v2, mobile" in str(info.value)

@@ -214,3 +214,39 @@ def test_check_mask_semantics():
     dead_output = BlockMask(inputs=full.inputs[:15] + ((),), outputs=full.outputs)
     with pytest.raises(GenotypeError, match="op slot 15 has no inputs"):
         check_mask(SPEC, dead_output)
+
+
+SHUFFLE_SPEC = BlockSpec(levels=3, ops=OP_SETS["shufflenet_v2"], merge="sum")
+SHUFFLE_GENOTYPE = Genotype(Skeleton("shuffle_cifar", 8, (1, 1), 10, 8), SHUFFLE_SPEC, True,
+                            [BlockMask.full(SHUFFLE_SPEC)])
+
+
+def test_unit_options_round_trip_and_old_files_keep_the_defaults(tmp_path):
+    path = tmp_path / "g.json"
+    Genotype(**{**vars(SHUFFLE_GENOTYPE), "bypass": "sep_conv_3x3_x2", "cell_bn": False}).save(path)
+    doc = json.loads(path.read_text())
+    assert (doc["bypass"], doc["cell_bn"]) == ("sep_conv_3x3_x2", False)
+    back = Genotype.load(path)
+    assert (back.bypass, back.cell_bn) == ("sep_conv_3x3_x2", False)
+    del doc["bypass"], doc["cell_bn"]  # a file written before these fields existed
+    path.write_text(json.dumps(doc))
+    old = Genotype.load(path)
+    assert (old.bypass, old.cell_bn) == (None, None) and "bypass" not in old.to_dict()
+
+
+CIFAR_GENOTYPE = make_genotype(shared=True)
+
+
+@pytest.mark.parametrize("genotype, key, value, message", [
+    (SHUFFLE_GENOTYPE, "bypass", "sep_conv", "genotype.bypass: unknown bypass 'sep_conv'; use one of"),
+    (SHUFFLE_GENOTYPE, "bypass", 3, "genotype.bypass: unknown bypass 3"),
+    (SHUFFLE_GENOTYPE, "cell_bn", "yes", "genotype.cell_bn: expected true, false or null"),
+    (CIFAR_GENOTYPE, "bypass", "factorized", "genotype.bypass: applies to shuffle skeletons only"),
+    (CIFAR_GENOTYPE, "cell_bn", True, "genotype.cell_bn: applies to shuffle skeletons only"),
+])
+def test_bad_unit_options_name_the_field(tmp_path, genotype, key, value, message):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({**genotype.to_dict(), key: value}))
+    with pytest.raises(GenotypeError) as err:
+        Genotype.load(path)
+    assert message in str(err.value) and str(err.value).startswith(str(path))

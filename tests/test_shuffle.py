@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from dsonas import cost
+from dsonas import cost, engine
+from dsonas import genotype as genotype_module
 from dsonas.block import MaskedBlock
 from dsonas.config import load_config
 from dsonas.errors import ConfigError
@@ -19,6 +20,7 @@ from dsonas.network import DsoNet, build_supernet, compile_genotype
 from dsonas.ops import OPS
 from dsonas.shuffle import (
     BYPASSES,
+    DEFAULT_BYPASS,
     FactorizedReduce,
     ShuffleUnit,
     channel_shuffle,
@@ -316,3 +318,35 @@ def test_shuffle_net_exports_to_onnx(tmp_path):
     net.initialize(mx.init.Xavier())
     res = ex.export(net, tmp_path / "m", (2, 3, 32, 32), onnx=True, log=lambda m: None)
     assert res.max_abs_diff <= 1e-5 and res.onnx_max_abs_diff <= 1e-4
+
+
+
+def param_names(net, part=""):
+    return sorted(name for name in net.collect_params() if part in name)
+
+
+def test_genotype_records_the_bypass_and_compiles_it(tmp_path):
+    assert genotype_module.BYPASSES == BYPASSES  # genotype.py repeats them to stay free of MXNet
+    assert set(DEFAULT_BYPASS.values()) <= set(BYPASSES)
+    default = Genotype(SKELETON, SHUFFLE, True, [CELL])  # stages (1, 2, 1): two downsampling units
+    path = tmp_path / "genotype.json"
+    Genotype(**{**vars(default), "bypass": "sep_conv_3x3_x2"}).save(path)
+    back = Genotype.load(path)
+    assert back.bypass == "sep_conv_3x3_x2"
+    separable = param_names(compile_genotype(back))
+    # two stacked separable convs (4 convs, 4 BNs) instead of the factorized reduction's 2 convs and 1 BN
+    assert len(separable) == len(param_names(compile_genotype(default))) + 2 * (2 + 3 * 4)
+    assert param_names(compile_genotype(back, bypass="factorized")) == param_names(compile_genotype(default))
+
+
+def test_search_writes_the_supernets_bypass_into_the_genotype():
+    supernet = shuffle_supernet()
+    assert engine.genotype_of(SimpleNamespace(net=supernet, spec=SHUFFLE), supernet.masks).bypass == \
+        DEFAULT_BYPASS["shuffle_cifar"]
+    net = DsoNet(SKELETON, SHUFFLE, [BlockMask.full(SHUFFLE)] * 4, searchable=True, shared=True,
+                 bn_scale=False, bypass="reduction", cell_bn=True)
+    net.initialize()
+    for genotype in (Genotype.from_network(net),
+                     engine.genotype_of(SimpleNamespace(net=net, spec=SHUFFLE), net.masks)):
+        assert (genotype.bypass, genotype.cell_bn) == ("reduction", True)
+        assert param_names(compile_genotype(genotype), "_bypass_") == param_names(net, "_bypass_")

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from dsonas.config import load_config  # noqa: E402  (needs the path above)
+from dsonas.config import SHUFFLE_CONFIG, load_config  # noqa: E402  (needs the path above)
 from dsonas.errors import ConfigError, DsonasError  # noqa: E402
 
 SUPPORTED_PYTHON = (3, 11)
@@ -86,7 +86,8 @@ def run_tool(main):
 def add_common_args(parser):
     """Options shared by every tool; `resolve_config` turns them into a Config."""
     g = parser.add_argument_group("config and run folder")
-    g.add_argument("--config", metavar="YAML", help="config file (default: configs/default.yaml)")
+    g.add_argument("--config", metavar="YAML", help="config file (default: configs/default.yaml, or "
+                                                    "configs/shuffle_default.yaml with --space shuffle)")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set",
                    help="override one config key, e.g. --set search.gamma=0.001 (repeatable)")
     g.add_argument("--out", default="runs", metavar="DIR", help="parent of the run folders (default: runs)")
@@ -102,7 +103,14 @@ def add_common_args(parser):
 
 
 def resolve_config(args):
-    """Load --config, apply the CLI shortcuts, then every --set (which win), and validate."""
+    """Load --config, apply the CLI shortcuts, then every --set (which win), and validate.
+
+    Without --config, `--space shuffle` starts from configs/shuffle_default.yaml: the default config's
+    cifar skeleton cannot hold the shuffle space.
+    """
+    config = getattr(args, "config", None)
+    if config is None and getattr(args, "space", None) == "shuffle":
+        config = SHUFFLE_CONFIG
     values = {}
     shortcuts = (("space", "space.kind"), ("data", "data.source"), ("data_root", "data.root"),
                  ("name", "name"), ("kvstore", "runtime.kvstore"))
@@ -120,4 +128,4 @@ def resolve_config(args):
         if not all(g.isdigit() for g in ids):
             raise ConfigError(f"--gpus {gpus!r}: expected comma-separated GPU ids such as 0,1")
         values["runtime.ctx"] = [f"gpu({g})" for g in ids]
-    return load_config(getattr(args, "config", None), getattr(args, "set", ()) or (), values=values)
+    return load_config(config, getattr(args, "set", ()) or (), values=values)
