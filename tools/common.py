@@ -17,6 +17,7 @@ resolves its config, calls `setup_threads`, and only then imports the modules th
         run_tool(main)
 """
 
+import argparse
 import logging
 import os
 import sys
@@ -33,6 +34,20 @@ from dsonas.config import SHUFFLE_CONFIG, load_config  # noqa: E402  (needs the 
 from dsonas.errors import ConfigError, DsonasError  # noqa: E402
 
 SUPPORTED_PYTHON = (3, 11)
+_SUFFIXES = {"k": 1e3, "M": 1e6, "G": 1e9}
+
+
+def amount(text):
+    """argparse type for budgets: '300M', '1.5G', '450k' or a plain positive number -> float."""
+    scale = _SUFFIXES.get(text[-1:], 1.0)
+    try:
+        value = float(text[:-1] if text[-1:] in _SUFFIXES else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 300M, 1.5G or 450k, got {text!r}"
+                                         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value * scale
 
 
 def setup_threads(threads=None):
