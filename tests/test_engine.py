@@ -173,3 +173,38 @@ def test_budget_penalties_hand_per_lambda_gamma_to_apg_nag(kind, tmp_path):
     if kind == "mac":  # Eq. 10: per-op costs differ, so do the γ
         assert values.min() < values.max()
     engine.search(s, new_run(tmp_path, "run", cfg))  # and the search runs with them
+
+
+def test_recalibrate_bn_sets_the_mean_of_the_batch_statistics():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=2), gluon.nn.BatchNorm(scale=False, in_channels=4))
+    net.initialize(mx.init.Xavier())
+    bn = net[1]
+    bn._kwargs["momentum"] = 0.0
+    for p in net.collect_params().values():
+        p.grad_req = "null"
+    net.hybridize(static_alloc=True)
+    rng = np.random.RandomState(0)
+    batches = [(mx.nd.array(rng.normal(shift, 1 + shift, (8, 2, 5, 5))), mx.nd.zeros(8)) for shift in (0, 3)]
+    conv_out = [net[0](x).asnumpy() for x, _ in batches]
+    engine.recalibrate_bn(net, batches, [mx.cpu()], batches=2)
+    expected_mean = np.mean([c.mean(axis=(0, 2, 3)) for c in conv_out], axis=0)
+    assert np.allclose(bn.running_mean.data().asnumpy(), expected_mean, rtol=1e-4, atol=1e-5)
+    expected_var = np.mean([c.var(axis=(0, 2, 3)) for c in conv_out], axis=0)
+    assert np.allclose(bn.running_var.data().asnumpy(), expected_var, rtol=0.05)
+    # inference now normalises with those statistics: the second batch's output is centred per channel
+    out = net(batches[1][0]).asnumpy()
+    assert not np.allclose(out.mean(axis=(0, 2, 3)), 0, atol=0.1)  # averaged stats, not the last batch's
+
+
+def test_recalibrated_twin_in_inference_equals_the_supernet_on_batch_statistics(tmp_path):
+    """After recalibrating on one batch, the twin's inference output on that batch is the training-mode
+    output (batch statistics) of the supernet. Fails with a static_shape twin (max diff 19 measured)."""
+    cfg = tiny_cfg()
+    s = engine.prepare(cfg, [mx.cpu()], "device", log=lambda msg: None)
+    x, y = next(iter(s.loaders.test))
+    engine.evaluate_twin(s, [(x, y)])  # builds the twin and copies the weights in
+    engine.recalibrate_bn(s.twin, [(x, y)], s.ctx, batches=1)
+    with mx.autograd.train_mode():
+        reference = s.net(x).asnumpy()
+    assert np.abs(s.twin(x).asnumpy() - reference).max() < 1e-3
