@@ -112,6 +112,7 @@ class RetrainConfig:
     aux_weight: float = _f(0.0, min=0.0)
     label_smoothing: float = _f(0.0, min=0.0, below=1.0)
     width_mult: float = _f(1.0, min=0.0, exclusive_min=True)
+    channel_divisor: int = _f(8, min=1)
 
 
 _CTX = re.compile(r"^(cpu|gpu)(\(\d+\))?$")

@@ -33,7 +33,7 @@ graph) and for exported symbols. Costs are for the whole input batch; params do 
 
 On top of the counter: per-op-slot and per-block costs of DsoNet's masked blocks (`op_costs`,
 `block_cost`, `slot_costs`, `network_block_costs`) for the adaptive penalties and reports, a cached
-per-op `LatencyTable`, and `solve_width_mult` for budget targets.
+per-op `LatencyTable`, and `solve_width` / `solve_width_mult` for budget targets.
 """
 
 import functools
@@ -587,20 +587,17 @@ class LatencyTable:
 
 
 # ---------------------------------------------------------------------------------------- width solver
-def solve_width_mult(build_fn, target, metric="macs", input_shape=(1, 3, 32, 32), lo=0.1, hi=4.0, tol=0.02,
-                     ctx=None):
-    """The width multiplier w in [lo, hi] whose net `build_fn(w)` costs `target` within `tol` (relative).
+@dataclass(frozen=True)
+class WidthSolution:
+    """A met budget: the width multiplier, the channel divisor the widths are rounded to, the cost reached."""
 
-    Bisection on log(w): every metric here grows with width. Channel counts are integers, so the cost is
-    a step function of w; if no step lands within `tol` of the target, or the target lies outside what
-    [lo, hi] can reach, a BudgetError names the reachable range so the user can pick a feasible target.
-    metric: "macs" (FLOPs = 2 × MACs), "params", "mac" (memory access, elements) or "latency" (ms,
-    measured on `ctx`).
-    """
-    if metric not in (*METRICS, "latency"):
-        raise ConfigError(f"unknown cost metric {metric!r}; use one of macs, params, mac, latency")
-    if target <= 0:
-        raise BudgetError(f"target {metric} must be positive, got {target}")
+    width_mult: float
+    channel_divisor: int | None
+    cost: float
+
+
+def _cost_fn(build_fn, metric, input_shape, ctx):
+    """cost(w) of `build_fn(w)` in `metric`; each width is built and counted (or timed) once."""
 
     @functools.cache
     def cost(w):
@@ -609,16 +606,15 @@ def solve_width_mult(build_fn, target, metric="macs", input_shape=(1, 3, 32, 32)
             return measure_latency(net, input_shape, ctx)
         return getattr(count(net, input_shape), metric)
 
-    def close(c):
-        return abs(c - target) <= tol * target
+    return cost
 
-    c_lo, c_hi = cost(lo), cost(hi)
-    if not c_lo * (1 - tol) <= target <= c_hi * (1 + tol):
-        raise BudgetError(f"target {_fmt(target, metric)} is out of reach: width multipliers {lo}..{hi} give "
-                          f"{_fmt(c_lo, metric)}..{_fmt(c_hi, metric)}; choose a target in that range")
+
+def _nearest_width(cost, target, lo, hi, tol):
+    """Bisection on log(w) in [lo, hi] (every metric grows with width): the visited width whose cost is
+    nearest `target`, stopping at the first within `tol`."""
     a, b = lo, hi
     best = min((lo, hi), key=lambda w: abs(cost(w) - target))
-    while not close(cost(best)) and b / a > 1.0 + 1e-4:
+    while abs(cost(best) - target) > tol * target and b / a > 1.0 + 1e-4:
         mid = math.sqrt(a * b)
         if abs(cost(mid) - target) < abs(cost(best) - target):
             best = mid
@@ -626,11 +622,50 @@ def solve_width_mult(build_fn, target, metric="macs", input_shape=(1, 3, 32, 32)
             a = mid
         else:
             b = mid
-    if not close(cost(best)):
-        raise BudgetError(f"no width multiplier lands within {tol:.0%} of {_fmt(target, metric)}: the "
-                          f"nearest is {_fmt(cost(best), metric)} at width {best:.4f}; choose a target near "
-                          "that or a looser tolerance")
     return best
+
+
+def solve_width(build_fn, target, divisors, metric="macs", input_shape=(1, 3, 32, 32), lo=0.1, hi=4.0,
+                tol=0.02, ctx=None):
+    """The first channel divisor of `divisors` and width multiplier w in [lo, hi] whose net
+    `build_fn(w, divisor)` costs `target` within `tol` (relative), as a WidthSolution.
+
+    Channel counts are multiples of the divisor, so the cost is a step function of w, and a coarse
+    divisor's steps can be wider than the tolerance (8 channels are half of a 16-filter stage): each
+    divisor is bisected in turn until one lands, so list the preferred (coarsest) first. A target outside
+    [cost at lo, cost at hi] of every divisor, or one no divisor lands on, is a BudgetError naming the
+    reachable range (and the nearest cost found), so the user can pick a feasible target.
+    metric: "macs" (FLOPs = 2 × MACs), "params", "mac" (memory access, elements) or "latency" (ms,
+    measured on `ctx`).
+    """
+    if metric not in (*METRICS, "latency"):
+        raise ConfigError(f"unknown cost metric {metric!r}; use one of macs, params, mac, latency")
+    if target <= 0:
+        raise BudgetError(f"target {metric} must be positive, got {target}")
+    reach, nearest = [], []  # costs at lo and hi; (cost, width) nearest the target per divisor in range
+    for divisor in divisors:
+        cost = _cost_fn(lambda w, d=divisor: build_fn(w, d), metric, input_shape, ctx)
+        reach += [cost(lo), cost(hi)]
+        if cost(lo) * (1 - tol) <= target <= cost(hi) * (1 + tol):
+            w = _nearest_width(cost, target, lo, hi, tol)
+            if abs(cost(w) - target) <= tol * target:
+                return WidthSolution(w, divisor, cost(w))
+            nearest.append((cost(w), w))
+    span = f"width multipliers {lo}..{hi} give {_fmt(min(reach), metric)}..{_fmt(max(reach), metric)}"
+    if not nearest:
+        raise BudgetError(f"target {_fmt(target, metric)} is out of reach: {span}; choose a target in that "
+                          "range")
+    c, w = min(nearest, key=lambda n: abs(n[0] - target))
+    raise BudgetError(f"no width multiplier lands within {tol:.0%} of {_fmt(target, metric)}: the nearest is "
+                      f"{_fmt(c, metric)} at width {w:.4f} ({span}); choose a target near that or a looser "
+                      "tolerance")
+
+
+def solve_width_mult(build_fn, target, metric="macs", input_shape=(1, 3, 32, 32), lo=0.1, hi=4.0, tol=0.02,
+                     ctx=None):
+    """`solve_width` for a net `build_fn(w)` with a single channel rounding: the width multiplier only."""
+    return solve_width(lambda w, _: build_fn(w), target, (None,), metric, input_shape, lo, hi, tol,
+                       ctx).width_mult
 
 
 def _fmt(value, metric):
@@ -653,13 +688,15 @@ def zoo_net(name):
     return net, 32 if name.startswith("cifar") else 224
 
 
-def genotype_net(path, width_mult=1.0):
-    """(derived net, skeleton input side) of a genotype file at `width_mult`."""
+def genotype_net(path, width_mult, channel_divisor):
+    """(derived net, skeleton input side) of a genotype file at `width_mult` (widths rounded to multiples
+    of `channel_divisor`)."""
     from dsonas.genotype import Genotype
     from dsonas.network import compile_genotype
 
     genotype = Genotype.load(path)
-    return compile_genotype(genotype, width_mult), genotype.skeleton.input_size
+    net = compile_genotype(genotype, width_mult, channel_divisor=channel_divisor)
+    return net, genotype.skeleton.input_size
 
 
 def summarize(name, net, input_shape, latency_ctx=None, repeats=20):

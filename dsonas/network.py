@@ -8,7 +8,8 @@ between stages -> ReLU -> global average pool -> dropout -> dense.
 * imagenet stem: 3x3 conv stride 2 (filters/2 channels) + BN + ReLU, 3x3 conv stride 2 (filters) + BN:
   224x224 inputs reach stage 1 at 56x56, then 28, 14, 7 for the paper's four stages (2, 2, 13, 6).
 * width_mult scales every stage's channel count; when it is not 1 the result is rounded to a multiple
-  of 8 (at least 8), the granularity vectorised CPU kernels like.
+  of `channel_divisor` (at least one divisor): 8 by default, the granularity vectorised CPU kernels like;
+  a budget target may need a finer one (`dsonas.retrain.width_for_budget`).
 * λ Parameters (searchable nets) live on the network, initialised to 1, and are passed to the blocks:
   `share` registers one set for all blocks, `full` one set per block.
 * aux=True adds an auxiliary classifier (ReLU, 1x1 conv 128 + BN + ReLU, global pool, dense) after the
@@ -31,12 +32,21 @@ from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
 from dsonas.space import BlockSpec, Skeleton, check_space_kind
 
+CHANNEL_DIVISOR = 8
 
-def scale_channels(channels, width_mult):
-    """channels x width_mult, rounded to a multiple of 8 (min 8); exactly `channels` at width_mult 1."""
+
+def scale_channels(channels, width_mult, divisor=CHANNEL_DIVISOR):
+    """channels x width_mult, rounded to a multiple of `divisor` (min `divisor`); exactly `channels` at
+    width_mult 1, so a searched genotype retrains at the widths it was searched with."""
     if width_mult == 1.0:
         return channels
-    return max(8, int(round(channels * width_mult / 8.0)) * 8)
+    return max(divisor, int(round(channels * width_mult / divisor)) * divisor)
+
+
+def divisor_fits(skeleton, divisor):
+    """Whether stage widths in multiples of `divisor` can build `skeleton`: a ShuffleNet V2 unit splits
+    its channels in half, so shuffle skeletons need an even divisor."""
+    return divisor >= 1 and not (skeleton.is_shuffle and divisor % 2)
 
 
 def _stem(kind, channels, bn_scale):
@@ -72,8 +82,8 @@ class DsoNet(nn.HybridBlock):
     """
 
     def __init__(self, skeleton, spec, masks, searchable, shared, width_mult=1.0, bn_scale=True, dropout=0.0,
-                 drop_path=0.0, aux=False, formulation="fast", bypass=None, cell_bn=None, prefix="dsonet_",
-                 **kwargs):
+                 drop_path=0.0, aux=False, formulation="fast", bypass=None, cell_bn=None,
+                 channel_divisor=CHANNEL_DIVISOR, prefix="dsonet_", **kwargs):
         super().__init__(prefix=prefix, **kwargs)
         masks = list(masks)
         if len(masks) != skeleton.num_blocks:
@@ -82,13 +92,18 @@ class DsoNet(nn.HybridBlock):
             raise ConfigError("retrain.aux_weight: the auxiliary head needs at least 2 stages; set it to 0")
         if not skeleton.is_shuffle and (bypass is not None or cell_bn is not None):
             raise ConfigError(f"bypass and cell_bn apply to shuffle skeletons, not {skeleton.kind!r}")
+        if not divisor_fits(skeleton, channel_divisor):
+            raise ConfigError(f"retrain.channel_divisor: {channel_divisor} cannot build a {skeleton.kind} "
+                              "skeleton (it must be at least 1, and even for shuffle skeletons, whose units "
+                              "halve their widths)")
         self.skeleton, self.spec = skeleton, spec
         self.searchable, self.shared, self.aux = searchable, shared, aux
         self.bypass = (bypass or shuffle.DEFAULT_BYPASS[skeleton.kind]) if skeleton.is_shuffle else None
         self.cell_bn = cell_bn
-        self.width_mult = width_mult
+        self.width_mult, self.channel_divisor = width_mult, channel_divisor
         self._cell_args = (masks, searchable, bn_scale, formulation, drop_path)
-        widths = [scale_channels(skeleton.filters * 2 ** s, width_mult) for s in range(len(skeleton.stages))]
+        widths = [scale_channels(skeleton.filters * 2 ** s, width_mult, channel_divisor)
+                  for s in range(len(skeleton.stages))]
         self._lambda_names = []  # per block: attribute names of its λ, in spec.lambda_keys() order
         self._layers = []        # forward order: (block index or None, child)
         self._nulled = set()     # names of Parameters whose grad_req set_masks turned to 'null'
@@ -283,14 +298,14 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
 
 
 def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False, bypass=None,
-                     cell_bn=None):
+                     cell_bn=None, channel_divisor=CHANNEL_DIVISOR):
     """The derived net of a genotype, for retraining from scratch (BN scale learnable, no λ).
 
     bypass / cell_bn: shuffle skeletons only (dsonas.shuffle), overriding the genotype's own (e.g. for an
     ablation); None keeps the genotype's, whose None is the skeleton kind's default bypass / BN after the
-    cells that sum two or more ops.
+    cells that sum two or more ops. channel_divisor: see `scale_channels`.
     """
     return DsoNet(genotype.skeleton, genotype.spec, genotype.block_masks(), searchable=False,
                   shared=genotype.shared, width_mult=width_mult, bn_scale=True, dropout=dropout,
                   drop_path=drop_path, aux=aux, bypass=bypass or genotype.bypass,
-                  cell_bn=genotype.cell_bn if cell_bn is None else cell_bn)
+                  cell_bn=genotype.cell_bn if cell_bn is None else cell_bn, channel_divisor=channel_divisor)

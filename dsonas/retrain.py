@@ -7,7 +7,8 @@ retrain.drop_path over the epochs (as NASNet/ENAS/DARTS schedule it; set once pe
 is a constant of the traced graph), an auxiliary head after the second-to-last stage whose loss is added
 with weight retrain.aux_weight, and label smoothing. BatchNorm scale is learnable again
 (`compile_genotype`). A global width multiplier scales every stage, from the config or solved for a
-FLOPs/params/latency budget (`width_for_budget`).
+FLOPs/params/latency budget (`width_for_budget`); stage widths are rounded to multiples of
+retrain.channel_divisor, or of a finer divisor when that is what meets the budget.
 
 MXNet/GluonCV pieces used as they are: `gluon.Trainer` + kvstore for several devices, the "nag"
 optimizer, GluonCV's cosine/linear schedulers, `SoftmaxCrossEntropyLoss(sparse_label=False)` fed smoothed
@@ -18,7 +19,8 @@ epoch re-seeds from (seed, "retrain", epoch).
 
 The run folder keeps `best.params` (best test accuracy) and `last.params` (Gluon `save_parameters`
 format, for `--eval-only` and export), `checkpoints/retrain.ckpt` (resume), `genotype.json`,
-`metrics.jsonl` and `retrain.json` (the summary, including the width multiplier the params need).
+`metrics.jsonl` and `retrain.json` (the summary, including the width multiplier and channel divisor the
+params need).
 """
 
 import json
@@ -46,14 +48,16 @@ from dsonas.loop import (
     split_batch,
     trainer_optimizer,
 )
-from dsonas.network import compile_genotype
+from dsonas.network import CHANNEL_DIVISOR, compile_genotype, divisor_fits
 from dsonas.schedule import make_schedule
 
 SUMMARY = "retrain.json"
 STAGE = "retrain"
 LR_KEYS = ["retrain.lr_max"]
-# Budget name -> (cost.solve_width_mult metric, factor from the user's unit to that metric's unit).
+# Budget name -> (cost.solve_width metric, factor from the user's unit to that metric's unit).
 BUDGETS = {"flops": ("macs", 0.5), "params": ("params", 1.0), "latency": ("latency", 1.0)}
+# Finer channel divisors a budget falls back to when the configured one's width steps miss it.
+FALLBACK_DIVISORS = (8, 4, 2, 1)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class RetrainResult:
     params: int  # of the deployable net (no aux head)
     macs: int    # per image
     width_mult: float
+    channel_divisor: int
     best_params: str
     last_params: str
     summary: dict
@@ -97,20 +102,37 @@ def input_shape(genotype):
     return (1, 3, size, size)
 
 
-def deploy_net(genotype, width_mult):
+def deploy_net(genotype, width_mult, channel_divisor=CHANNEL_DIVISOR):
     """The net as deployed and counted: no aux head, no dropout or drop-path (inference ignores them)."""
-    return compile_genotype(genotype, width_mult=width_mult)
+    return compile_genotype(genotype, width_mult=width_mult, channel_divisor=channel_divisor)
 
 
-def width_for_budget(genotype, budget, target, ctx=None):
-    """Width multiplier whose deployable net meets `target` (flops, params, or latency in ms on `ctx`)."""
+def width_text(width_mult, channel_divisor):
+    """How a net's width reads in logs and messages; the divisor shapes nothing at width multiplier 1."""
+    text = f"width multiplier {width_mult:g}"
+    return text if width_mult == 1.0 else f"{text}, channel divisor {channel_divisor}"
+
+
+def budget_divisors(genotype, channel_divisor):
+    """The channel divisors a budget tries, in order: the configured one, then the finer fallbacks the
+    skeleton can build."""
+    finer = [d for d in FALLBACK_DIVISORS if d < channel_divisor and divisor_fits(genotype.skeleton, d)]
+    return (channel_divisor, *finer)
+
+
+def width_for_budget(genotype, budget, target, channel_divisor=CHANNEL_DIVISOR, ctx=None):
+    """The cost.WidthSolution whose deployable net meets `target` (flops, params, or latency in ms on
+    `ctx`), its cost in the budget's unit; channel_divisor is tried first, then `budget_divisors`."""
     metric, factor = BUDGETS[budget]
+    divisors = budget_divisors(genotype, channel_divisor)
     try:
-        return cost.solve_width_mult(lambda w: deploy_net(genotype, w), target * factor, metric,
-                                     input_shape(genotype), ctx=ctx)
+        solution = cost.solve_width(lambda w, d: deploy_net(genotype, w, d), target * factor, divisors,
+                                    metric, input_shape(genotype), ctx=ctx)
     except BudgetError as e:
         note = " (FLOPs = 2 x MACs)" if budget == "flops" else ""
-        raise BudgetError(f"--target-{budget} {target:g}{note}: {e}") from None
+        raise BudgetError(f"--target-{budget} {target:g}{note} with channel divisors "
+                          f"{', '.join(map(str, divisors))}: {e}") from None
+    return replace(solution, cost=solution.cost / factor)
 
 
 def check_data_fits(genotype, bundle):
@@ -120,7 +142,7 @@ def check_data_fits(genotype, bundle):
                             f"data has {bundle.num_classes}; retrain on the data it was searched on (--data)")
 
 
-def load_params(net, path, ctx_list, width_mult):
+def load_params(net, path, ctx_list):
     """Load a `best.params`/`last.params` file into a deployable net (the aux head's weights are skipped)."""
     if not os.path.isfile(path):
         raise GenotypeError(f"params file not found: {path}; pass the best.params written by retrain")
@@ -128,19 +150,34 @@ def load_params(net, path, ctx_list, width_mult):
         net.load_parameters(str(path), ctx=ctx_list, ignore_extra=True)
     except (AssertionError, mx.base.MXNetError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise GenotypeError(f"{path} does not fit this genotype at width multiplier {width_mult:g} "
-                            f"({first}); pass the genotype and --width-mult the params were trained with"
-                            ) from None
+        width = width_text(net.width_mult, net.channel_divisor)
+        raise GenotypeError(f"{path} does not fit this genotype at {width} ({first}); pass the genotype, "
+                            "--width-mult and retrain.channel_divisor the params were trained with") from None
 
 
-def saved_width_mult(params_path):
-    """The width multiplier recorded by retrain beside a params file, or None if there is no record."""
+def _recorded_width(record):
+    """(width_mult, channel_divisor) of a retrain.json or checkpoint record; runs from before the divisor
+    was configurable rounded to multiples of 8."""
+    return float(record["width_mult"]), int(record.get("channel_divisor", 8))
+
+
+def saved_width(params_path):
+    """(width_mult, channel_divisor) recorded by retrain beside a params file, or None if there is no
+    record."""
     summary = os.path.join(os.path.dirname(os.path.abspath(params_path)), SUMMARY)
     try:
         with open(summary, encoding="utf-8") as f:
-            return float(json.load(f)["width_mult"])
+            return _recorded_width(json.load(f))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def params_width(params_path, width_mult, retrain_cfg):
+    """(width_mult, channel_divisor) to rebuild the net of a params file: an explicit `width_mult` with
+    the config's divisor, else the pair retrain recorded beside the file, else the config's pair."""
+    if width_mult is not None:
+        return width_mult, retrain_cfg.channel_divisor
+    return saved_width(params_path) or (retrain_cfg.width_mult, retrain_cfg.channel_divisor)
 
 
 def eval_data(cfg, genotype=None):
@@ -157,16 +194,16 @@ def evaluate_net(net, loader, ctx_list):
     return evaluate(forward, gluon.loss.SoftmaxCrossEntropyLoss(), loader, ctx_list)
 
 
-def evaluate_params(cfg, genotype, params_path, width_mult, ctx_list):
+def evaluate_params(cfg, genotype, params_path, width_mult, ctx_list, channel_divisor=CHANNEL_DIVISOR):
     """Test loss/accuracy and costs of retrained weights, without a run folder (`--eval-only`)."""
     loader, _ = eval_data(cfg, genotype)
-    net = deploy_net(genotype, width_mult)
-    load_params(net, params_path, ctx_list, width_mult)
+    net = deploy_net(genotype, width_mult, channel_divisor)
+    load_params(net, params_path, ctx_list)
     net.hybridize(static_alloc=True)
     loss, acc = evaluate_net(net, loader, ctx_list)
     report = cost.count(net, input_shape(genotype))
     return {"test_loss": loss, "test_acc": acc, "params": report.params, "macs": report.macs,
-            "width_mult": width_mult}
+            "width_mult": width_mult, "channel_divisor": channel_divisor}
 
 
 def _save_params(net, path):
@@ -227,17 +264,23 @@ def _train_epoch(net, loader, loss_fn, aux_weight, trainer, ctx_list, epoch, epo
     return loss, acc
 
 
-def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, resume=False, log=None):
+def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, channel_divisor=None,
+            resume=False, log=None):
     """Train `genotype`'s net from scratch with cfg.retrain in `run_dir` (a RunDir); returns RetrainResult.
 
-    width_mult: None = cfg.retrain.width_mult. With `resume`, continue from checkpoints/retrain.ckpt (the
-    width the run started with wins). Evaluates on the test split after every epoch.
+    width_mult / channel_divisor: None = cfg.retrain's. With `resume`, continue from
+    checkpoints/retrain.ckpt (the width the run started with wins). Evaluates on the test split after
+    every epoch.
     """
     r = cfg.retrain
     log = log or run_dir.log
     ckpt = run_dir.checkpoint_path(STAGE)
     meta = read_meta(ckpt) if resume else None
-    width_mult = meta["width_mult"] if meta else (width_mult if width_mult is not None else r.width_mult)
+    if meta:
+        width_mult, channel_divisor = _recorded_width(meta)
+    else:
+        width_mult = r.width_mult if width_mult is None else width_mult
+        channel_divisor = r.channel_divisor if channel_divisor is None else channel_divisor
     check_batch_size(r.batch_size, ctx_list, "retrain.batch_size")
     _check_genotype(run_dir, genotype)
 
@@ -246,7 +289,8 @@ def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, res
     loaders = make_loaders(bundle, replace(cfg.data, batch_size=r.batch_size, cutout=r.cutout),
                            seed=cfg.seed, split=False)
     reseed(cfg.seed, "init", 0)
-    net = compile_genotype(genotype, width_mult=width_mult, dropout=r.dropout, aux=r.aux_weight > 0)
+    net = compile_genotype(genotype, width_mult=width_mult, dropout=r.dropout, aux=r.aux_weight > 0,
+                           channel_divisor=channel_divisor)
     # He init on fan-in: the merge 1x1 conv reads M*N*C channels into C, so fan-out scaling would grow
     # activations ~sqrt(M*N) per block (initial logits std ~10 on the default genotype, loss 7.7).
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx_list)
@@ -254,33 +298,36 @@ def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, res
     # graphs (bench/README.md, "Correctness warning").
     net.hybridize(static_alloc=True)
     params = named_parameters(net)
-    deployed = cost.count(deploy_net(genotype, width_mult), input_shape(genotype))
+    deployed = cost.count(deploy_net(genotype, width_mult, channel_divisor), input_shape(genotype))
     trainer = make_trainer(list(net.collect_params().values()), "nag",
                            {"lr_scheduler": make_schedule(r, len(loaders.train)), "momentum": r.momentum,
                             "wd": r.wd}, kvstore=kvstore or cfg.runtime.kvstore)
     loss_fn = training_loss(bundle.num_classes, r.label_smoothing)
 
     state = {"epoch": 0, "iteration": 0, "best_acc": -1.0, "best_epoch": 0, "last_acc": float("nan"),
-             "width_mult": width_mult}
+             "width_mult": width_mult, "channel_divisor": channel_divisor}
     if meta:
         state.update(load_checkpoint(ckpt, params, {"w": trainer}))
         # The restored optimizer carries the schedule it was pickled with; a resume that extends
         # retrain.epochs must follow the new one (same config: the same lr at every update count).
         trainer_optimizer(trainer).lr_scheduler = make_schedule(r, len(loaders.train))
-        log(f"retrain: resuming after epoch {state['epoch']}/{r.epochs} at width multiplier {width_mult:g}")
+        log(f"retrain: resuming after epoch {state['epoch']}/{r.epochs} at "
+            f"{width_text(width_mult, channel_divisor)}")
     else:
-        log(f"retrain: {deployed.params / 1e6:.3f}M params, {deployed.macs / 1e6:.2f}M MACs at width "
-            f"multiplier {width_mult:g}, {r.epochs} epochs of {len(loaders.train)} iterations")
+        log(f"retrain: {deployed.params / 1e6:.3f}M params, {deployed.macs / 1e6:.2f}M MACs at "
+            f"{width_text(width_mult, channel_divisor)}, {r.epochs} epochs of {len(loaders.train)} "
+            "iterations")
     best_path, last_path = run_dir.path / "best.params", run_dir.path / "last.params"
 
     def write_summary():
         """retrain.json, rewritten every epoch: it always describes the params files beside it."""
         summary = {
             "genotype": str(run_dir.path / "genotype.json"), "width_mult": width_mult,
-            "epochs_done": state["epoch"], "epochs": r.epochs, "best_acc": state["best_acc"],
-            "best_epoch": state["best_epoch"], "last_acc": state["last_acc"], "params": deployed.params,
-            "macs": deployed.macs, "flops": deployed.flops, "input_shape": list(input_shape(genotype)),
-            "best_params": str(best_path), "last_params": str(last_path)}
+            "channel_divisor": channel_divisor, "epochs_done": state["epoch"], "epochs": r.epochs,
+            "best_acc": state["best_acc"], "best_epoch": state["best_epoch"], "last_acc": state["last_acc"],
+            "params": deployed.params, "macs": deployed.macs, "flops": deployed.flops,
+            "input_shape": list(input_shape(genotype)), "best_params": str(best_path),
+            "last_params": str(last_path)}
         run_dir.save_json(SUMMARY, summary)
         return summary
 
@@ -314,5 +361,5 @@ def retrain(cfg, genotype, run_dir, ctx_list, kvstore=None, width_mult=None, res
     summary = write_summary()
     return RetrainResult(best_acc=state["best_acc"], best_epoch=state["best_epoch"],
                          last_acc=state["last_acc"], params=deployed.params, macs=deployed.macs,
-                         width_mult=width_mult, best_params=str(best_path), last_params=str(last_path),
-                         summary=summary)
+                         width_mult=width_mult, channel_divisor=channel_divisor, best_params=str(best_path),
+                         last_params=str(last_path), summary=summary)

@@ -5,6 +5,7 @@ MAC (memory access) figures below are in elements: inputs read + outputs written
 """
 
 import json
+import re
 
 import mxnet as mx
 import numpy as np
@@ -181,7 +182,8 @@ def test_solve_width_mult_hits_macs_target():
 
 def test_solve_width_mult_between_channel_steps():
     """16*w rounded: 22 channels give 2.84M MACs, 23 give 3.07M; 2.95M is 4% from both."""
-    with pytest.raises(BudgetError, match="nearest is"):
+    reach = r"\(width multipliers 0\.1\.\.4\.0 give 0\.07377M MACs\.\.20\.65M MACs\)"
+    with pytest.raises(BudgetError, match=rf"nearest is 2\.839M MACs at width [\d.]+ {reach}"):
         cost.solve_width_mult(WideNet, 2.95e6, metric="macs", input_shape=(1, 3, 32, 32))
 
 
@@ -258,12 +260,42 @@ def _identity(spec):
     return BlockMask(inputs=((),) * spec.num_op_slots, outputs=())
 
 
-def test_solve_width_mult_on_a_genotype():
-    genotype = Genotype(skeleton=SKELETON, spec=SPEC, shared=True, masks=[BlockMask.full(SPEC)])
-    shape = (1, 3, 16, 16)
-    target = 1.01 * cost.count(compile_genotype(genotype, 2.0), shape).macs
-    w = cost.solve_width_mult(lambda w: compile_genotype(genotype, w), target, input_shape=shape)
-    assert abs(cost.count(compile_genotype(genotype, w), shape).macs - target) / target <= 0.02
+# 16 filters, one block per stage: in multiples of 8 a width step is half of stage 1, so cost(width) is a
+# coarse step function (7 of the 12 targets below fall between its steps).
+SMALL = Genotype(skeleton=Skeleton("cifar", 16, (1, 1, 1), 10, 16), spec=SPEC, shared=True,
+                 masks=[BlockMask.full(SPEC)])
+SMALL_INPUT = (1, 3, 16, 16)
+DIVISORS = (8, 4, 2, 1)
+
+
+def _small_net(w, divisor):
+    return compile_genotype(SMALL, w, channel_divisor=divisor)
+
+
+def _small_macs(w, divisor):
+    return cost.count(_small_net(w, divisor), SMALL_INPUT).macs
+
+
+def test_solve_width_lands_every_target_of_the_range_falling_back_to_finer_divisors():
+    """12 MACs targets spread over [narrowest, widest] in multiples of 8 all land within 2%."""
+    used = set()
+    for target in np.geomspace(_small_macs(0.1, 8), _small_macs(4.0, 8), 12):
+        sol = cost.solve_width(_small_net, target, DIVISORS, input_shape=SMALL_INPUT)
+        assert sol.cost == _small_macs(sol.width_mult, sol.channel_divisor)
+        assert abs(sol.cost - target) <= 0.02 * target, (target, sol)
+        used.add(sol.channel_divisor)
+    assert 8 in used and used - {8}  # the first divisor whenever it lands, finer ones where it cannot
+    # Below the narrowest net in multiples of 8 (every stage 8 channels) only a finer divisor reaches.
+    below = cost.solve_width(_small_net, 0.7 * _small_macs(0.1, 8), DIVISORS, input_shape=SMALL_INPUT)
+    assert below.channel_divisor < 8
+
+
+def test_solve_width_refuses_a_target_out_of_range_naming_the_range():
+    lo, hi = _small_macs(0.1, 1), _small_macs(4.0, 8)  # the finest divisor reaches lowest
+    span = re.escape(f"width multipliers 0.1..4.0 give {lo / 1e6:.4g}M MACs..{hi / 1e6:.4g}M MACs")
+    for target in (0.5 * lo, 2 * hi):
+        with pytest.raises(BudgetError, match=f"out of reach: {span}; choose a target in that range"):
+            cost.solve_width(_small_net, target, DIVISORS, input_shape=SMALL_INPUT)
 
 
 def test_latency_table_cache_roundtrip(tmp_path, monkeypatch):
@@ -320,7 +352,12 @@ def test_count_flops_json_side_by_side(tmp_path, monkeypatch, capsys):
     code, out, _ = _run_tool(monkeypatch, capsys, "--genotype", str(path), "--width-mult", "2", "--latency",
                              "--repeats", "3")
     head = out.splitlines()[0]
-    assert code == 0 and "FLOPs=2xMACs" in head and "latency (ms)" in head and "@2" in out
+    assert code == 0 and "FLOPs=2xMACs" in head and "latency (ms)" in head and "@2/8" in out
+
+    code, out, _ = _run_tool(monkeypatch, capsys, "--genotype", str(path), "--width-mult", "0.75",
+                             "--channel-divisor", "2", "--json")
+    net = compile_genotype(Genotype.load(path), 0.75, channel_divisor=2)
+    assert code == 0 and json.loads(out)["macs"] == cost.count(net, (1, 3, 16, 16)).macs
 
 
 @pytest.mark.parametrize("argv,message", [

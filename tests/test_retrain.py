@@ -12,11 +12,12 @@ import pytest
 from dsonas import cost
 from dsonas import retrain as rt
 from dsonas.config import config_to_dict, load_config
-from dsonas.errors import BudgetError, GenotypeError
+from dsonas.errors import BudgetError, ConfigError, GenotypeError
 from dsonas.genotype import BlockMask, Genotype
 from dsonas.network import compile_genotype
 from dsonas.runs import RunDir
 from dsonas.schedule import make_schedule
+from dsonas.shuffle import shufflenet_v2_genotype
 from dsonas.space import BlockSpec, Skeleton
 
 SPEC = BlockSpec(levels=2, ops=("sep_conv_3x3", "max_pool_3x3"))
@@ -64,14 +65,30 @@ def test_width_multiplier_scales_params_about_quadratically():
     assert 0.22 < half / base < 0.32
 
 
-def test_budget_width_meets_target_or_names_the_reachable_range():
+def test_budget_width_falls_back_to_a_finer_divisor_or_names_the_reachable_range():
     g = genotype(filters=16)
-    # Channels come in steps of 8, so aim at a cost some width actually has.
-    target = cost.count(rt.deploy_net(g, 1.5), rt.input_shape(g)).params
-    w = rt.width_for_budget(g, "params", target)
-    assert cost.count(rt.deploy_net(g, w), rt.input_shape(g)).params == pytest.approx(target, rel=0.02)
-    with pytest.raises(BudgetError, match=r"--target-flops .*out of reach.*choose a target"):
+    # Halfway (geometrically) between widths 1.5 and 2 in multiples of 8, 12% from each step.
+    steps = [cost.count(rt.deploy_net(g, w), rt.input_shape(g)).params for w in (1.5, 2.0)]
+    target = (steps[0] * steps[1]) ** 0.5
+    sol = rt.width_for_budget(g, "params", target)
+    assert sol.channel_divisor < 8
+    assert cost.count(rt.deploy_net(g, sol.width_mult, sol.channel_divisor), rt.input_shape(g)).params \
+        == sol.cost == pytest.approx(target, rel=0.02)
+    macs = cost.count(rt.deploy_net(g, 1.5), rt.input_shape(g)).macs
+    assert rt.width_for_budget(g, "flops", 2 * macs).cost == pytest.approx(2 * macs, rel=0.02)  # in FLOPs
+    refusal = (r"--target-flops .* with channel divisors 8, 4, 2, 1: .*out of reach: "
+               r"width multipliers 0.1..4.0 give [\d.]+M MACs..[\d.]+M MACs; choose a target")
+    with pytest.raises(BudgetError, match=refusal):
         rt.width_for_budget(g, "flops", 1e15)
+
+
+def test_budget_divisors_are_the_configured_one_then_finer_ones_the_skeleton_builds():
+    shuffled = shufflenet_v2_genotype("shuffle_cifar", 8, (1, 1), 10, 8)
+    assert rt.budget_divisors(genotype(), 8) == (8, 4, 2, 1)
+    assert rt.budget_divisors(genotype(), 3) == (3, 2, 1)
+    assert rt.budget_divisors(shuffled, 16) == (16, 8, 4, 2)  # units halve their widths: even only
+    with pytest.raises(ConfigError, match="retrain.channel_divisor: 3 cannot build a shuffle_cifar"):
+        rt.deploy_net(shuffled, 1.5, 3)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +115,15 @@ def test_two_epochs_lower_the_loss_and_leave_a_complete_run_folder(trained):
         assert (run.path / name).is_file(), name
     summary = json.loads((run.path / "retrain.json").read_text())
     assert summary["best_acc"] == result.best_acc == max(r["test_acc"] for r in records)
-    assert summary["width_mult"] == 1.0 and summary["params"] == result.params
+    assert summary["width_mult"] == 1.0 and summary["channel_divisor"] == 8
+    assert summary["params"] == result.params
 
 
 def test_eval_only_reproduces_the_best_accuracy_without_the_aux_head(trained):
     cfg, run, result = trained
-    width = rt.saved_width_mult(run.path / "best.params")
-    assert width == 1.0
-    res = rt.evaluate_params(cfg, genotype(), str(run.path / "best.params"), width, [mx.cpu()])
+    width, divisor = rt.saved_width(run.path / "best.params")
+    assert (width, divisor) == (1.0, 8)
+    res = rt.evaluate_params(cfg, genotype(), str(run.path / "best.params"), width, [mx.cpu()], divisor)
     assert res["test_acc"] == pytest.approx(result.best_acc)
     assert res["params"] == result.params
     with pytest.raises(GenotypeError, match="does not fit this genotype at width multiplier 2"):
@@ -192,6 +210,33 @@ def test_two_devices_and_a_resume_that_extends_the_epochs(tmp_path):
     assert [(r["epoch"], r["iteration"], r["lr"]) for r in run.read_metrics()] == [(1, 4, schedule(4)),
                                                                                   (2, 8, schedule(8))]
     assert result.summary["epochs_done"] == 2
+
+
+def test_params_rebuild_with_the_recorded_channel_divisor(tmp_path, capsys):
+    """Widths 0.75 x (8, 16) are (6, 12) in multiples of 2 but (8, 16) in multiples of 8: eval-only and export
+    must rebuild from retrain.json's pair, not from the default divisor."""
+    sets = [*TINY, "data.limit_train=64", "retrain.epochs=1", "retrain.channel_divisor=2"]
+    cfg = load_config(None, sets)
+    run = RunDir.create(tmp_path, "narrow", config_to_dict(cfg))
+    result = rt.retrain(cfg, genotype(), run, [mx.cpu()], width_mult=0.75, log=lambda msg: None)
+    best = run.path / "best.params"
+    assert rt.saved_width(best) == (0.75, 2) == (result.width_mult, result.channel_divisor)
+    assert rt.params_width(best, None, load_config(None, TINY).retrain) == (0.75, 2)
+    rebuilt = rt.deploy_net(genotype(), *rt.saved_width(best))
+    rt.load_params(rebuilt, str(best), [mx.cpu()])
+    assert rebuilt.classifier.weight.shape == (10, 12)
+    with pytest.raises(GenotypeError, match="at width multiplier 0.75, channel divisor 8 "):
+        rt.load_params(rt.deploy_net(genotype(), 0.75), str(best), [mx.cpu()])
+
+    flags = ["--genotype", str(run.path / "genotype.json"), "--params", str(best),
+             *[a for kv in TINY for a in ("--set", kv)]]  # the config's divisor is the default 8
+    code, out, _ = run_tool("retrain", ["--eval-only", *flags], capsys)
+    assert code == 0 and f"test accuracy {result.best_acc:.4f}" in out
+    assert "width multiplier 0.75, channel divisor 2" in out
+    code, out, _ = run_tool("export_symbol", [*flags, "--out", str(tmp_path / "export" / "model")], capsys)
+    assert code == 0 and f"reloaded model test accuracy {result.best_acc:.4f}" in out
+    meta = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert (meta["width_mult"], meta["channel_divisor"]) == (0.75, 2)
 
 
 def test_resume_refuses_another_genotype(trained, tmp_path):

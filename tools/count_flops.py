@@ -23,6 +23,9 @@ def parse_args(argv=None):
                    help="genotype file written by search (repeatable)")
     p.add_argument("--width-mult", type=float, default=1.0,
                    help="width multiplier for --genotype (default 1)")
+    p.add_argument("--channel-divisor", type=int, default=8, metavar="D",
+                   help="stage widths round to multiples of D when --width-mult is not 1 (default 8, as "
+                        "retrain.channel_divisor); such rows are named GENOTYPE@W/D")
     p.add_argument("--model", action="append", default=[], metavar="NAME",
                    help="GluonCV model-zoo name, e.g. mobilenetv2_1.0 (repeatable; built without weights)")
     p.add_argument("--input-size", type=int, metavar="S",
@@ -36,6 +39,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.genotype and not args.model:
         p.error("give at least one --genotype or --model")
+    if args.channel_divisor < 1:
+        p.error(f"--channel-divisor must be at least 1, got {args.channel_divisor}")
     return args
 
 
@@ -51,8 +56,9 @@ def main(argv=None):
         ctx = contexts([args.ctx])[0]
     nets = []
     for path in args.genotype:
-        net, size = cost.genotype_net(path, args.width_mult)
-        nets.append((path if args.width_mult == 1.0 else f"{path}@{args.width_mult:g}", net, size))
+        net, size = cost.genotype_net(path, args.width_mult, args.channel_divisor)
+        label = path if args.width_mult == 1.0 else f"{path}@{args.width_mult:g}/{args.channel_divisor}"
+        nets.append((label, net, size))
     for model in args.model:
         nets.append((model, *cost.zoo_net(model)))
     rows = [cost.summarize(name, net, (args.batch_size, 3, args.input_size or size, args.input_size or size),

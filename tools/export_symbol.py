@@ -22,8 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, metavar="PREFIX",
                    help="write PREFIX-symbol.json, PREFIX-0000.params, PREFIX.json")
     p.add_argument("--width-mult", type=float, metavar="W",
-                   help="width multiplier of --params (default: the one retrain recorded beside them, "
-                        "else 1)")
+                   help="width multiplier of --params, its channels in multiples of retrain.channel_divisor "
+                        "(default: the pair retrain recorded beside them, else the config's)")
     p.add_argument("--input-size", type=int, metavar="S", help="square input side (default: the genotype's)")
     p.add_argument("--onnx", action="store_true",
                    help="also write PREFIX.onnx (needs: pip install 'onnx<1.16')")
@@ -47,15 +47,16 @@ def main(argv=None):
     if args.onnx:
         ex.onnx_available()  # fail before any work
     genotype = Genotype.load(args.genotype)
-    width = args.width_mult or rt.saved_width_mult(args.params) or 1.0
+    width, divisor = rt.params_width(args.params, args.width_mult, cfg.retrain)
     ctx = contexts(cfg.runtime.ctx)[:1]
-    net = rt.deploy_net(genotype, width)
-    rt.load_params(net, args.params, ctx, width)
+    net = rt.deploy_net(genotype, width, divisor)
+    rt.load_params(net, args.params, ctx)
     loader, bundle = rt.eval_data(cfg, genotype)
     size = args.input_size or genotype.skeleton.input_size
     meta = {"genotype": os.path.abspath(args.genotype), "source_params": os.path.abspath(args.params),
-            "width_mult": width, "preprocess": "RGB NCHW, scaled to [0, 1], minus mean, divided by std",
-            "mean": list(bundle.mean), "std": list(bundle.std), "class_names": list(bundle.class_names)}
+            "width_mult": width, "channel_divisor": divisor,
+            "preprocess": "RGB NCHW, scaled to [0, 1], minus mean, divided by std", "mean": list(bundle.mean),
+            "std": list(bundle.std), "class_names": list(bundle.class_names)}
     res = ex.export(net, args.out, (2, 3, size, size), meta=meta, onnx=args.onnx, fuse_bn=args.fuse_bn,
                     ctx=ctx[0])
     reloaded = ex.load_exported(res.symbol_file, res.params_file, ctx[0])
@@ -65,7 +66,7 @@ def main(argv=None):
         if path:
             print(f"wrote {path} ({os.path.getsize(path) / 1024:.1f} KiB)")
     print(f"net: {res.params / 1e6:.4f}M params, {res.macs / 1e6:.3f}M MACs per {size}x{size} image "
-          f"at width multiplier {width:g}")
+          f"at {rt.width_text(width, divisor)}")
     print(f"reloaded model test accuracy {acc:.4f} (loss {loss:.4f}) on the {cfg.data.source} test set")
     return 0
 

@@ -5,7 +5,9 @@
     python tools/retrain.py --genotype runs/default/genotype.json --eval-only \
         --params runs/default-retrain/best.params
 
-The run folder is runs/<name>-retrain unless --name is given (the search run keeps its own folder).
+The run folder is runs/<name>-retrain unless --name is given (the search run keeps its own folder). Stage
+widths round to multiples of retrain.channel_divisor (--set retrain.channel_divisor=4); a budget target
+falls back to finer divisors when that one's width steps miss it, and retrain.json records the pair.
 """
 
 import argparse
@@ -28,13 +30,18 @@ def amount(text):
     return value * scale
 
 
+def shown(value, budget):
+    """A budget amount as --target-* takes it: milliseconds for latency, millions otherwise."""
+    return f"{value:.4g} ms" if budget == "latency" else f"{value / 1e6:.4g}M"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--genotype", required=True, metavar="JSON", help="genotype.json written by search")
     width = p.add_mutually_exclusive_group()
     width.add_argument("--width-mult", type=float, metavar="W",
                        help="global width multiplier (default: retrain.width_mult, or the one recorded "
-                            "beside --params for --eval-only)")
+                            "beside --params, with its channel divisor, for --eval-only)")
     width.add_argument("--target-flops", type=amount, metavar="N",
                        help="solve the width for N FLOPs (2 x MACs), e.g. 20M")
     width.add_argument("--target-params", type=amount, metavar="N", help="solve the width for N parameters")
@@ -65,25 +72,28 @@ def main(argv=None):
     genotype = Genotype.load(args.genotype)
     ctx_list = contexts(cfg.runtime.ctx)
     if args.eval_only:
-        width = args.width_mult or rt.saved_width_mult(args.params) or cfg.retrain.width_mult
-        res = rt.evaluate_params(cfg, genotype, args.params, width, ctx_list)
+        width, divisor = rt.params_width(args.params, args.width_mult, cfg.retrain)
+        res = rt.evaluate_params(cfg, genotype, args.params, width, ctx_list, divisor)
         print(f"test accuracy {res['test_acc']:.4f} (loss {res['test_loss']:.4f}) of {args.params}")
-        print(f"net: {res['params'] / 1e6:.4f}M params, {res['macs'] / 1e6:.3f}M MACs at width multiplier "
-              f"{width:g}")
+        print(f"net: {res['params'] / 1e6:.4f}M params, {res['macs'] / 1e6:.3f}M MACs at "
+              f"{rt.width_text(width, divisor)}")
         return 0
 
-    width = args.width_mult
+    width, divisor = args.width_mult, None
     for budget in rt.BUDGETS:
         target = getattr(args, f"target_{budget}")
         if target is not None:
-            width = rt.width_for_budget(genotype, budget, target, ctx=ctx_list[0])
-            print(f"width multiplier {width:.4f} meets --target-{budget} {target:g}")
+            sol = rt.width_for_budget(genotype, budget, target, cfg.retrain.channel_divisor, ctx_list[0])
+            width, divisor = sol.width_mult, sol.channel_divisor
+            print(f"width multiplier {width:.4f}, channel divisor {divisor}: {shown(sol.cost, budget)} meets "
+                  f"--target-{budget} {shown(target, budget)}")
     name = args.name or f"{cfg.name}-retrain"
     run = RunDir.create(args.out, name, config_to_dict(cfg), resume=args.resume, force=args.force)
-    res = rt.retrain(cfg, genotype, run, ctx_list, width_mult=width, resume=args.resume)
+    res = rt.retrain(cfg, genotype, run, ctx_list, width_mult=width, channel_divisor=divisor,
+                     resume=args.resume)
     print(f"test accuracy: best {res.best_acc:.4f} (epoch {res.best_epoch}), last {res.last_acc:.4f}")
     print(f"net: {res.params / 1e6:.4f}M params, {res.macs / 1e6:.3f}M MACs "
-          f"({2 * res.macs / 1e6:.3f}M FLOPs) at width multiplier {res.width_mult:g}")
+          f"({2 * res.macs / 1e6:.3f}M FLOPs) at {rt.width_text(res.width_mult, res.channel_divisor)}")
     print(f"best params: {res.best_params}")
     print(f"export: python tools/export_symbol.py --genotype {args.genotype} --params {res.best_params} "
           f"--out {run.path / 'export' / 'model'}")
