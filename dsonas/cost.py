@@ -393,10 +393,9 @@ def slot_costs(spec, channels, resolution, metric, bn_scale=False, latency_table
 def _masked_blocks(net):
     """Every MaskedBlock of `net`, in registration order (= forward order in every skeleton)."""
     from dsonas.block import MaskedBlock
+    from dsonas.network import blocks_of
 
-    blocks = []
-    net.apply(lambda b: blocks.append(b) if isinstance(b, MaskedBlock) else None)
-    return blocks
+    return blocks_of(net, MaskedBlock)
 
 
 def block_geometry(net, input_shape=None):

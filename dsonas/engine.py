@@ -48,7 +48,7 @@ from dsonas.loop import (
     train_step,
     trainer_optimizer,
 )
-from dsonas.network import build_supernet, compile_genotype
+from dsonas.network import blocks_of, build_supernet, compile_genotype
 from dsonas.penalty import COST_METRIC, make_penalty
 
 
@@ -228,14 +228,6 @@ def _apply_gamma(s, penalty, masks, lam_trainer):
 BN_RECALIBRATION_BATCHES = 5
 
 
-def _batch_norms(block):
-    """Every nn.BatchNorm inside `block`, in registration order."""
-    found = [block] if isinstance(block, nn.BatchNorm) else []
-    for child in block._children.values():
-        found += _batch_norms(child)
-    return found
-
-
 def recalibrate_bn(net, loader, ctx_list, batches=BN_RECALIBRATION_BATCHES):
     """Set the running statistics of every BN of `net` to their mean over `batches` batches of `loader`.
 
@@ -247,7 +239,7 @@ def recalibrate_bn(net, loader, ctx_list, batches=BN_RECALIBRATION_BATCHES):
     running statistics are that batch's. MXNet updates them in BatchNorm's backward pass, so each batch
     runs forward and backward with respect to the input only (`net`'s Parameters need no gradient).
     """
-    stats = [p for bn in _batch_norms(net) for p in (bn.running_mean, bn.running_var)]
+    stats = [p for bn in blocks_of(net, nn.BatchNorm) for p in (bn.running_mean, bn.running_var)]
     sums, count = {}, 0
     for batch in itertools.islice(loader, batches):
         xs, _ = split_batch(batch, ctx_list)
@@ -280,7 +272,7 @@ def evaluate_twin(s, loader):
     if s.twin is None:
         s.twin = build_supernet(s.cfg.space, s.cfg.skeleton, s.net.skeleton.num_classes, s.input_shape[2])
         s.twin.initialize(mx.init.Zero(), ctx=s.ctx)
-        for bn in _batch_norms(s.twin):
+        for bn in blocks_of(s.twin, nn.BatchNorm):
             bn._kwargs["momentum"] = 0.0  # running statistics := the last batch's (Gluon has no setter)
         for param in s.twin.collect_params().values():
             param.grad_req = "null"

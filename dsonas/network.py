@@ -30,9 +30,17 @@ from dsonas import shuffle
 from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
+from dsonas.ops import DepthwiseConv
 from dsonas.space import BlockSpec, Skeleton, check_space_kind
 
 CHANNEL_DIVISOR = 8
+
+
+def blocks_of(net, cls):
+    """Every sub-block of `net` (itself included) that is a `cls`, in registration order."""
+    found = []
+    net.apply(lambda b: found.append(b) if isinstance(b, cls) else None)
+    return found
 
 
 def scale_channels(channels, width_mult, divisor=CHANNEL_DIVISOR):
@@ -253,6 +261,13 @@ class DsoNet(nn.HybridBlock):
             cell.set_mask(mask)
         self._clear_cached_op()
         self._sync_grad_reqs()
+
+    def set_depthwise_split(self, split):
+        """Train wide depthwise kernels as width-3 groups (split=True) or run them as one convolution
+        (inference, export): same Parameters, same outputs (see ops.DepthwiseConv); clears the graph."""
+        for conv in blocks_of(self, DepthwiseConv):
+            conv.split = split
+        self._clear_cached_op()
 
     def set_drop_path(self, prob):
         """Change the drop-path probability (e.g. a schedule growing it over epochs); clears the graph."""

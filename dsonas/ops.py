@@ -31,21 +31,23 @@ def _sequential(layers):
 class DepthwiseConv(nn.HybridBlock):
     """kxk depthwise convolution (odd k, stride 1, 'same' padding, no bias); weight (C, 1, k, k).
 
-    Kernels wider than 3 run as a sum of width-3 column groups over width-shifted windows of the input
-    padded in width only. Same maths and Parameter, but oneDNN 2.x (MXNet 1.9.1) has a JIT depthwise
-    backward-weights kernel only for kernel widths <= 3; a 5x5 one falls back to a GEMM path measured
-    3-4x slower for the whole forward+backward (bench/README.md).
+    For training (split=True), kernels wider than 3 run as a sum of width-3 column groups over
+    width-shifted windows of the input padded in width only. Same maths and Parameter, but oneDNN 2.x
+    (MXNet 1.9.1) has a JIT depthwise backward-weights kernel only for kernel widths <= 3; a 5x5 one falls
+    back to a GEMM path measured 3-4x slower for the whole forward+backward (bench/README.md). Its forward
+    kernel is fast, though, and the split costs ~10 small operators per 5x5 op, so inference and export use
+    one plain convolution (split=False, see DsoNet.set_depthwise_split).
     """
 
-    def __init__(self, channels, kernel, **kwargs):
+    def __init__(self, channels, kernel, split=True, **kwargs):
         super().__init__(**kwargs)
-        self.channels, self.kernel = channels, kernel
+        self.channels, self.kernel, self.split = channels, kernel, split
         self.weight = self.params.get("weight", shape=(channels, 1, kernel, kernel))
 
     def hybrid_forward(self, F, x, weight):
         k, c, pad = self.kernel, self.channels, self.kernel // 2
         conv = dict(num_filter=c, num_group=c, no_bias=True)
-        if k <= 3:
+        if k <= 3 or not self.split:
             return F.Convolution(x, weight, kernel=(k, k), pad=(pad, pad), **conv)
         padded = F.pad(x, mode="constant", pad_width=(0, 0, 0, 0, 0, 0, pad, pad))
         out = []

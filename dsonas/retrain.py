@@ -103,8 +103,11 @@ def input_shape(genotype):
 
 
 def deploy_net(genotype, width_mult, channel_divisor=CHANNEL_DIVISOR):
-    """The net as deployed and counted: no aux head, no dropout or drop-path (inference ignores them)."""
-    return compile_genotype(genotype, width_mult=width_mult, channel_divisor=channel_divisor)
+    """The net as deployed and counted: no aux head, no dropout or drop-path (inference ignores them),
+    wide depthwise kernels as one convolution (the training split only pays off in backward)."""
+    net = compile_genotype(genotype, width_mult=width_mult, channel_divisor=channel_divisor)
+    net.set_depthwise_split(False)
+    return net
 
 
 def width_text(width_mult, channel_divisor):
