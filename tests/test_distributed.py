@@ -3,10 +3,10 @@
 What is compared, and why these tolerances:
 * BatchNorm normalizes each device slice (each worker's batch) with that slice's own statistics, so a run
   on 2 contexts is NOT the run on 1 context with the same batches (measured on this tiny search: λ differ
-  by ~50% relative after 4 steps; the soft threshold amplifies it). Where it does hold exactly is a batch
-  of two identical halves: every slice then has the whole batch's statistics, so 1 and 2 contexts must
-  agree up to float summation order (rtol 1e-4); that checks the split, the aggregation and the
-  gradient scaling of both Trainers. And
+  by ~50% relative after 4 steps; the soft threshold amplifies it). What 2 contexts compute is one
+  context running the two slices one after the other and summing their gradients before each step:
+  that agrees bit for bit, and checks the split, the aggregation and the gradient scaling of both
+  Trainers. And
 * the exact check is the one that holds: a dist_sync run with 2 workers x B/2 equals one process with
   2 contexts x B/2 (same per-slice BN, same global batch; the kvstore adds the same two gradients), to
   1e-5. This catches both pitfalls: APG-NAG on the server would store summed gradients as λ (λ far off,
@@ -74,29 +74,52 @@ def two_ctx(tmp_path_factory):
     return run(tmp_path_factory.mktemp("two"), "two", [mx.cpu(0), mx.cpu(1)])
 
 
-def steps(ctx, n=6):
-    """n alternating W / λ steps of the search on `ctx`, on batches made of two identical halves."""
+def search_steps(ctx, n=6, accumulate_halves=False):
+    """n alternating W / λ search steps; returns every parameter except the BN running statistics.
+
+    accumulate_halves: on ONE context, run each batch's two halves one after the other with gradients
+    accumulated (grad_req 'add') before the trainer step, which is what two contexts compute: each slice
+    normalised by its own BN statistics, the slices' gradients summed. (Running statistics are per
+    device with two contexts, so they are not compared.)
+    """
     cfg = load_config(None, TINY)
     s = engine.prepare(cfg, ctx, "device")
     trainers = [engine._w_trainer(s, cfg.search), engine._lam_trainer(s)]
-    batches = iter(engine._cycle(s.w_loader))
+    params = [p for p in s.net.collect_params().values() if p.grad_req != "null"]
+    if accumulate_halves:
+        for p in params:
+            p.grad_req = "add"
+    batches = engine._cycle(s.w_loader)
     for i in range(n):
         x, y = next(batches)
+        if not accumulate_halves:
+            xs, ys = split_batch((x, y), s.ctx)
+            train_step(s.net, s.loss_fn, trainers[i % 2], xs, ys, Meter())
+            continue
+        for p in params:
+            p.zero_grad()
         half = x.shape[0] // 2
-        xs, ys = split_batch((mx.nd.concat(x[:half], x[:half], dim=0),
-                              mx.nd.concat(y[:half], y[:half], dim=0)), s.ctx)
-        train_step(s.net, s.loss_fn, trainers[i % 2], xs, ys, Meter())
-    return params_of(s.params)
+        for part in (slice(0, half), slice(half, None)):
+            with mx.autograd.record():
+                loss = s.loss_fn(s.net(x[part]), y[part])
+            loss.backward()
+        trainers[i % 2].step(x.shape[0])
+    return {k: v for k, v in params_of(s.params).items() if "running_" not in k}
 
 
-@pytest.mark.xfail(reason="measured: after 6 steps λ differ by up to 0.11 between 1 and 2 contexts even with "
-                          "identical halves; cause not found yet (issue 9)", strict=False)
-def test_two_contexts_equal_one_where_batchnorm_agrees():
-    """With two identical halves, each slice's BN statistics are the whole batch's: the runs must agree."""
-    one, two = steps([mx.cpu(0)]), steps([mx.cpu(0), mx.cpu(1)])
+def test_two_contexts_equal_one_context_accumulating_the_same_slices():
+    """Data parallelism over two contexts is gradient accumulation over their slices, bit for bit.
+
+    (Two contexts are NOT one context on the whole batch: BN statistics are per slice. Even a batch of two
+    identical halves differs from one half in float rounding: oneDNN sums in a batch-size dependent
+    order, measured 1.3% max relative difference in a BN beta gradient after one backward, which the
+    training steps and the soft threshold amplify. Hence the exact comparison is this one.)
+    """
+    two = search_steps([mx.cpu(0), mx.cpu(1)])
+    one = search_steps([mx.cpu(0)], accumulate_halves=True)
     assert one.keys() == two.keys()
     for name, value in one.items():
-        np.testing.assert_allclose(two[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(two[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
     for name, value in lambdas(one).items():
         assert not np.allclose(value, 1.0), name
 
