@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
-from .space import OP_SETS
+from .space import BYPASSES, OP_SETS, SHUFFLE_KINDS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 # The shuffle space needs a shuffle_* skeleton, which default.yaml's cifar one is not.
@@ -66,6 +66,8 @@ class SkeletonConfig:
     filters: int = _f(16, min=1)
     stages: list[int] = _f([2, 2, 2], min_length=1, item_min=1)
     num_classes: int | None = _f(None, min=2)
+    # shuffle skeletons: the downsampling units' second path; null = the kind's default (dsonas.space)
+    bypass: str | None = _f(None, choices=BYPASSES)
 
 
 @dataclass
@@ -79,13 +81,13 @@ class PretrainConfig:
 
 @dataclass
 class SearchConfig:
-    epochs: int = _f(4, min=1)
+    epochs: int = _f(8, min=1)
     lr: float = _f(0.1, min=0.0, exclusive_min=True)
     momentum: float = _f(0.9, min=0.0, below=1.0)
     wd: float = _f(3e-4, min=0.0)
     lambda_lr: float = _f(0.1, min=0.0, exclusive_min=True)
     lambda_momentum: float = _f(0.9, min=0.0, below=1.0)
-    gamma: float = _f(0.01, min=0.0)
+    gamma: float = _f(0.04, min=0.0)
     ratio: list[int] = _f([1, 1], length=2, item_min=1)
     split: bool = _f(True)
     penalty: str = _f("none", choices=("none", "flops", "mac", "latency"))
@@ -375,6 +377,9 @@ def _check_cross_fields(cfg):
     r = cfg.retrain
     if r.schedule != "constant" and r.lr_min > r.lr_max:
         raise ConfigError(f"retrain.lr_min: must be <= retrain.lr_max ({r.lr_max}), got {r.lr_min}")
+    if cfg.skeleton.bypass is not None and cfg.skeleton.kind not in SHUFFLE_KINDS:
+        raise ConfigError(f"skeleton.bypass: only shuffle skeletons have bypass paths, not "
+                          f"{cfg.skeleton.kind!r}; set it to null")
 
 
 def _show(value):

@@ -12,12 +12,9 @@ import numpy as np
 
 from dsonas.errors import ConfigError, GenotypeError
 from dsonas.io import atomic_write_json
-from dsonas.space import BlockSpec, Skeleton
+from dsonas.space import BYPASSES, BlockSpec, Skeleton
 
 GENOTYPE_VERSION = 1
-# dsonas.shuffle.BYPASSES, repeated because that module imports MXNet and genotype files are read without
-# it (tests/test_shuffle.py checks the two agree).
-BYPASSES = ("factorized", "sep_conv_3x3_x2", "shufflenet_v2", "reduction")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ between stages -> ReLU -> global average pool -> dropout -> dense.
   because a hybridized graph has a fixed number of outputs (evaluation uses out[0]).
 * shuffle_cifar / shuffle_imagenet: every block sits in a ShuffleNet V2 unit (dsonas.shuffle) instead,
   on half of the unit's channels, without a residual add; the stage's first unit downsamples, with the
-  bypass path `bypass` (default per kind, see dsonas.shuffle.DEFAULT_BYPASS). Blocks keep the names
+  bypass path `bypass` (default per kind, dsonas.space.DEFAULT_BYPASS). Blocks keep the names
   ``cell{b}_`` either way, so per-block costs and reports read them alike.
 """
 
@@ -31,7 +31,7 @@ from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
 from dsonas.ops import DepthwiseConv
-from dsonas.space import BlockSpec, Skeleton, check_space_kind
+from dsonas.space import DEFAULT_BYPASS, BlockSpec, Skeleton, check_space_kind
 
 CHANNEL_DIVISOR = 8
 
@@ -106,7 +106,7 @@ class DsoNet(nn.HybridBlock):
                               "halve their widths)")
         self.skeleton, self.spec = skeleton, spec
         self.searchable, self.shared, self.aux = searchable, shared, aux
-        self.bypass = (bypass or shuffle.DEFAULT_BYPASS[skeleton.kind]) if skeleton.is_shuffle else None
+        self.bypass = (bypass or DEFAULT_BYPASS[skeleton.kind]) if skeleton.is_shuffle else None
         self.cell_bn = cell_bn
         self.width_mult, self.channel_divisor = width_mult, channel_divisor
         self._cell_args = (masks, searchable, bn_scale, formulation, drop_path)
@@ -309,7 +309,7 @@ def build_supernet(space_cfg, skeleton_cfg, num_classes, input_size, formulation
     check_space_kind(space_cfg.kind, skeleton.kind)
     masks = [BlockMask.full(spec)] * skeleton.num_blocks
     return DsoNet(skeleton, spec, masks, searchable=True, shared=space_cfg.kind != "full", bn_scale=False,
-                  formulation=formulation)
+                  formulation=formulation, bypass=skeleton_cfg.bypass)
 
 
 def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=False, bypass=None,

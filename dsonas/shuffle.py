@@ -34,9 +34,8 @@ from mxnet.gluon import nn
 from dsonas.block import ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.ops import bn_relu
+from dsonas.space import BYPASSES
 
-BYPASSES = ("factorized", "sep_conv_3x3_x2", "shufflenet_v2", "reduction")
-DEFAULT_BYPASS = {"shuffle_cifar": "factorized", "shuffle_imagenet": "shufflenet_v2"}
 IMAGENET_STEM, IMAGENET_HEAD = 24, 1024  # ShuffleNet V2 Table 5 (the 0.5x-1.5x models)
 
 

@@ -35,6 +35,9 @@ KNOWN_OPS = tuple(dict.fromkeys(name for ops in OP_SETS.values() for name in ops
 MERGES = ("concat", "sum")
 SKELETON_KINDS = ("cifar", "imagenet", "shuffle_cifar", "shuffle_imagenet")
 SHUFFLE_KINDS = ("shuffle_cifar", "shuffle_imagenet")
+# The second path of a shuffle skeleton's downsampling units (dsonas.shuffle), and each kind's default.
+BYPASSES = ("factorized", "sep_conv_3x3_x2", "shufflenet_v2", "reduction")
+DEFAULT_BYPASS = {"shuffle_cifar": "factorized", "shuffle_imagenet": "shufflenet_v2"}
 
 
 def check_space_kind(space_kind, skeleton_kind):

@@ -200,7 +200,7 @@ def test_compiled_genotype_with_aux_dropout_and_drop_path(tmp_path):
 def test_build_supernet_from_config_sections():
     space = SimpleNamespace(kind="full", levels=2, ops=["sep_conv_3x3", "max_pool_3x3"], merge="sum",
                             sep_repeats=1)
-    skeleton = SimpleNamespace(kind="cifar", filters=8, stages=[1, 1], num_classes=None)
+    skeleton = SimpleNamespace(kind="cifar", filters=8, stages=[1, 1], num_classes=None, bypass=None)
     net = build_supernet(space, skeleton, num_classes=3, input_size=8)
     net.initialize()
     assert net.searchable and not net.shared and net.skeleton.num_classes == 3

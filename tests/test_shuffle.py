@@ -11,23 +11,20 @@ import pytest
 from mxnet import autograd
 
 from dsonas import cost, engine
-from dsonas import genotype as genotype_module
 from dsonas.block import MaskedBlock
-from dsonas.config import load_config
+from dsonas.config import SHUFFLE_CONFIG, load_config
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask, Genotype, check_mask, derive_mask
 from dsonas.network import DsoNet, build_supernet, compile_genotype
 from dsonas.ops import OPS
 from dsonas.shuffle import (
-    BYPASSES,
-    DEFAULT_BYPASS,
     FactorizedReduce,
     ShuffleUnit,
     channel_shuffle,
     shufflenet_v2_genotype,
     unit_strides,
 )
-from dsonas.space import OP_SETS, BlockSpec, Skeleton, check_space_kind
+from dsonas.space import BYPASSES, DEFAULT_BYPASS, OP_SETS, BlockSpec, Skeleton, check_space_kind
 
 REPO = Path(__file__).resolve().parent.parent
 GENOTYPES = REPO / "configs" / "genotypes"
@@ -222,7 +219,8 @@ def test_fragments_and_elementwise_counts_by_hand():
 # ------------------------------------------------------------------------------------------ search space
 def shuffle_supernet(formulation="fast"):
     space = SimpleNamespace(kind="shuffle", levels=3, ops="shuffle", merge="sum", sep_repeats=2)
-    skeleton = SimpleNamespace(kind="shuffle_cifar", filters=8, stages=[1, 1, 1], num_classes=None)
+    skeleton = SimpleNamespace(kind="shuffle_cifar", filters=8, stages=[1, 1, 1], num_classes=None,
+                               bypass=None)
     net = build_supernet(space, skeleton, num_classes=4, input_size=8, formulation=formulation)
     mx.random.seed(0)
     net.initialize(mx.init.Xavier())
@@ -304,7 +302,7 @@ def test_mbconv_keeps_shape_and_counts(kernel, expand):
 
 def test_mobile_full_supernet_runs():
     space = SimpleNamespace(kind="full", levels=2, ops="mobile", merge="sum", sep_repeats=1)
-    skeleton = SimpleNamespace(kind="cifar", filters=8, stages=[1, 1], num_classes=None)
+    skeleton = SimpleNamespace(kind="cifar", filters=8, stages=[1, 1], num_classes=None, bypass=None)
     net = build_supernet(space, skeleton, num_classes=3, input_size=8)
     net.initialize()
     assert not net.shared and net(rand(2, 3, 8, 8)).shape == (2, 3)
@@ -326,7 +324,6 @@ def param_names(net, part=""):
 
 
 def test_genotype_records_the_bypass_and_compiles_it(tmp_path):
-    assert genotype_module.BYPASSES == BYPASSES  # genotype.py repeats them to stay free of MXNet
     assert set(DEFAULT_BYPASS.values()) <= set(BYPASSES)
     default = Genotype(SKELETON, SHUFFLE, True, [CELL])  # stages (1, 2, 1): two downsampling units
     path = tmp_path / "genotype.json"
@@ -350,3 +347,15 @@ def test_search_writes_the_supernets_bypass_into_the_genotype():
                      engine.genotype_of(SimpleNamespace(net=net, spec=SHUFFLE), net.masks)):
         assert (genotype.bypass, genotype.cell_bn) == ("reduction", True)
         assert param_names(compile_genotype(genotype), "_bypass_") == param_names(net, "_bypass_")
+
+
+def test_skeleton_bypass_from_the_config_reaches_the_supernet_and_its_genotype():
+    cfg = load_config(SHUFFLE_CONFIG, ["skeleton.bypass=sep_conv_3x3_x2", "skeleton.stages=[1,1]"])
+    net = build_supernet(cfg.space, cfg.skeleton, 10, cfg.data.input_size)
+    net.initialize()
+    assert net.bypass == "sep_conv_3x3_x2"
+    assert Genotype.from_network(net).bypass == "sep_conv_3x3_x2"
+    with pytest.raises(ConfigError, match="skeleton.bypass"):
+        load_config(None, ["skeleton.bypass=factorized"])  # the default cifar skeleton has no bypass
+    with pytest.raises(ConfigError, match="skeleton.bypass"):
+        load_config(SHUFFLE_CONFIG, ["skeleton.bypass=shortcut"])
