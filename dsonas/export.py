@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ import mxnet as mx
 import numpy as np
 
 from .errors import DsonasError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, new_folder
 
 ONNX_OPSET = 13
 INPUT_NAME = "data"
@@ -95,7 +94,7 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
     folder = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(prefix)
-    tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-export-")
+    tmp = new_folder(folder, ".tmp-export-")
     try:
         tmp_prefix = os.path.join(tmp, base)
         net.export(tmp_prefix, epoch=0)

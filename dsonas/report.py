@@ -35,6 +35,7 @@ import yaml
 
 from dsonas.errors import RunFolderError
 from dsonas.genotype import BlockMask, Genotype
+from dsonas.io import new_folder
 from dsonas.runs import RunDir
 
 REPORT_DIR = "report"
@@ -520,7 +521,7 @@ def build_report(run_dir):
 
 def _swap_in(run_path, files):
     """Write `files` into a fresh temp folder, then replace <run>/report with it."""
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=run_path))
+    tmp = Path(new_folder(run_path, ".report-"))
     target = run_path / REPORT_DIR
     old = None
     try:

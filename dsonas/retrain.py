@@ -25,7 +25,6 @@ params need).
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -37,6 +36,7 @@ from dsonas.checkpoint import load_checkpoint, named_parameters, read_meta, rese
 from dsonas.data import make_datasets, make_loaders
 from dsonas.errors import BudgetError, GenotypeError, RunFolderError
 from dsonas.genotype import Genotype
+from dsonas.io import replacing
 from dsonas.loop import (
     SYNC_EVERY,
     Meter,
@@ -211,16 +211,8 @@ def evaluate_params(cfg, genotype, params_path, width_mult, ctx_list, channel_di
 
 def _save_params(net, path):
     """`net.save_parameters` into a temp file then rename: a crash never leaves half a params file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".params")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         net.save_parameters(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _train_step(net, loss_fn, aux_weight, trainer, xs, ys, meter):

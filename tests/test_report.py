@@ -12,7 +12,8 @@ from dsonas.random_search import sample_genotypes, space_of
 from dsonas.report import DAG_PANEL, DPI, FIGSIZE, build_report, read_run
 from dsonas.runs import RunDir
 
-SMALL = ["skeleton.stages=[1, 1, 1]", "skeleton.filters=8", "skeleton.num_classes=10", "data.input_size=16"]
+SMALL = ["skeleton.stages=[1, 1, 1]", "skeleton.filters=8", "skeleton.num_classes=10", "data.input_size=16",
+         "search.epochs=4"]
 ABLATION = ["search.split=false", "pretrain.epochs=0", "search.ratio=[4, 1]", "search.penalty=flops"]
 PLOT = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 

@@ -72,7 +72,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, cfg_dict):
     RunDir.create(out=tmp_path, name="r", config_dict=cfg_dict)
     changed = config_to_dict(Config())
     changed["search"]["gamma"] = 0.5
-    with pytest.raises(RunFolderError, match=r"search\.gamma was 0\.01, now 0\.5"):
+    with pytest.raises(RunFolderError, match=rf"search\.gamma was {Config().search.gamma}, now 0\.5"):
         RunDir.create(out=tmp_path, name="r", config_dict=changed, resume=True)
 
 
@@ -141,3 +141,18 @@ def test_setup_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert setup_threads() == 1                          # the user's environment wins over the default
     assert setup_threads(3) == 3 and os.environ["OMP_NUM_THREADS"] == "3"   # runtime.threads wins over both
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700 entries; results must be readable like any file the user makes."""
+    from dsonas.io import atomic_write_text, new_folder
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        folder = new_folder(tmp_path, ".t-")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert os.stat(folder).st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.txt", os.path.basename(folder)])
