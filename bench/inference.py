@@ -82,15 +82,15 @@ def builders(args):
 
     from dsonas import cost
     from dsonas.genotype import Genotype
-    from dsonas.network import compile_genotype
+    from dsonas.network import deploy_net
 
     genotype = Genotype.load(args.genotype) if args.genotype else default_genotype(args)
     width = args.width_mult
     if width is None:
         target = cost.count(get_model("shufflenet_v2", pretrained=False), (1, 3, 224, 224)).macs
-        width = cost.solve_width_mult(lambda w: compile_genotype(genotype, w), target, "macs",
+        width = cost.solve_width_mult(lambda w: deploy_net(genotype, w), target, "macs",
                                       (1, 3, 224, 224), tol=0.1)
-    out = {DERIVED: lambda: compile_genotype(genotype, width)}
+    out = {DERIVED: lambda: deploy_net(genotype, width)}
     for name in args.models:
         out[name] = lambda name=name: get_model(name, pretrained=False)
     return out, genotype, width

@@ -691,10 +691,10 @@ def genotype_net(path, width_mult, channel_divisor):
     """(derived net, skeleton input side) of a genotype file at `width_mult` (widths rounded to multiples
     of `channel_divisor`)."""
     from dsonas.genotype import Genotype
-    from dsonas.network import compile_genotype
+    from dsonas.network import deploy_net
 
     genotype = Genotype.load(path)
-    net = compile_genotype(genotype, width_mult, channel_divisor=channel_divisor)
+    net = deploy_net(genotype, width_mult, channel_divisor)
     return net, genotype.skeleton.input_size
 
 

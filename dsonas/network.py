@@ -324,3 +324,11 @@ def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=F
                   shared=genotype.shared, width_mult=width_mult, bn_scale=True, dropout=dropout,
                   drop_path=drop_path, aux=aux, bypass=bypass or genotype.bypass,
                   cell_bn=genotype.cell_bn if cell_bn is None else cell_bn, channel_divisor=channel_divisor)
+
+
+def deploy_net(genotype, width_mult=1.0, channel_divisor=CHANNEL_DIVISOR):
+    """The net as deployed, counted and timed: no aux head, no dropout or drop-path (inference ignores
+    them), wide depthwise kernels as one convolution (the training split only pays off in backward)."""
+    net = compile_genotype(genotype, width_mult=width_mult, channel_divisor=channel_divisor)
+    net.set_depthwise_split(False)
+    return net

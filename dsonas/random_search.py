@@ -221,7 +221,7 @@ def run_random_search(cfg, run_dir, n, target_params=None, target_macs=None, tol
     written) when the budget cannot be met.
     """
     from dsonas import cost
-    from dsonas.network import compile_genotype
+    from dsonas.network import deploy_net
 
     began = time.perf_counter()
     spec, skeleton, space_shared = space_of(cfg, num_classes)
@@ -235,7 +235,7 @@ def run_random_search(cfg, run_dir, n, target_params=None, target_macs=None, tol
     for i, sample in enumerate(samples):
         path = run_dir.path / GENOTYPE_DIR / f"random_{i:03d}.json"
         sample.genotype.save(path)
-        report = cost.count(compile_genotype(sample.genotype), shape)
+        report = cost.count(deploy_net(sample.genotype), shape)
         entries.append({"path": str(path.relative_to(run_dir.path)), "params": report.params,
                         "macs": report.macs, "mac": report.mac,
                         "live_ops": [len(m.live_slots()) for m in sample.genotype.masks]})

@@ -132,12 +132,12 @@ def ablation(info):
 
 
 def genotype_costs(genotype, width_mult=1.0):
-    """{"params", "macs", "mac"} of the compiled genotype for one image at its input size."""
+    """{"params", "macs", "mac"} of the genotype's deployed net for one image at its input size."""
     from dsonas import cost
-    from dsonas.network import compile_genotype
+    from dsonas.network import deploy_net
 
     size = genotype.skeleton.input_size
-    report = cost.count(compile_genotype(genotype, width_mult=width_mult), (1, 3, size, size))
+    report = cost.count(deploy_net(genotype, width_mult), (1, 3, size, size))
     return {"params": report.params, "macs": report.macs, "mac": report.mac}
 
 

@@ -48,7 +48,7 @@ from dsonas.loop import (
     split_batch,
     trainer_optimizer,
 )
-from dsonas.network import CHANNEL_DIVISOR, compile_genotype, divisor_fits
+from dsonas.network import CHANNEL_DIVISOR, compile_genotype, deploy_net, divisor_fits
 from dsonas.schedule import make_schedule
 
 SUMMARY = "retrain.json"
@@ -100,14 +100,6 @@ def input_shape(genotype):
     """(1, 3, S, S): one image at the resolution the genotype was searched for."""
     size = genotype.skeleton.input_size
     return (1, 3, size, size)
-
-
-def deploy_net(genotype, width_mult, channel_divisor=CHANNEL_DIVISOR):
-    """The net as deployed and counted: no aux head, no dropout or drop-path (inference ignores them),
-    wide depthwise kernels as one convolution (the training split only pays off in backward)."""
-    net = compile_genotype(genotype, width_mult=width_mult, channel_divisor=channel_divisor)
-    net.set_depthwise_split(False)
-    return net
 
 
 def width_text(width_mult, channel_divisor):

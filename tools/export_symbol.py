@@ -43,13 +43,14 @@ def main(argv=None):
     from dsonas import retrain as rt
     from dsonas.engine import contexts
     from dsonas.genotype import Genotype
+    from dsonas.network import deploy_net
 
     if args.onnx:
         ex.onnx_available()  # fail before any work
     genotype = Genotype.load(args.genotype)
     width, divisor = rt.params_width(args.params, args.width_mult, cfg.retrain)
     ctx = contexts(cfg.runtime.ctx)[:1]
-    net = rt.deploy_net(genotype, width, divisor)
+    net = deploy_net(genotype, width, divisor)
     rt.load_params(net, args.params, ctx)
     loader, bundle = rt.eval_data(cfg, genotype)
     size = args.input_size or genotype.skeleton.input_size
