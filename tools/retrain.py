@@ -12,22 +12,7 @@ falls back to finer divisors when that one's width steps miss it, and retrain.js
 
 import argparse
 
-from common import add_common_args, resolve_config, run_tool, setup_threads
-
-_SUFFIXES = {"k": 1e3, "M": 1e6, "G": 1e9}
-
-
-def amount(text):
-    """'300M', '1.5G', '450k' or a plain number -> float."""
-    scale = _SUFFIXES.get(text[-1:], 1.0)
-    try:
-        value = float(text[:-1] if text[-1:] in _SUFFIXES else text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 300M, 1.5G or 450k, got {text!r}"
-                                         ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value * scale
+from common import add_common_args, amount, resolve_config, run_tool, setup_threads
 
 
 def shown(value, budget):
