@@ -254,8 +254,9 @@ class Genotype:
             for o in live:
                 sources = ", ".join("in" if k == 0 else f"op{k - 1}" for k in mask.inputs[o])
                 lines.append(f"  op{o} L{spec.level_of(o)} {spec.op_name(o)} <- {sources}")
-            if not mask.is_identity:
-                lines.append(f"  out = {spec.merge}({', '.join(f'op{o}' for o in mask.outputs)}) + in")
+            if not mask.is_identity:  # a shuffle cell's skip path is the unit's other half, not "+ in"
+                residual = "" if skeleton.is_shuffle else " + in"
+                lines.append(f"  out = {spec.merge}({', '.join(f'op{o}' for o in mask.outputs)}){residual}")
         return "\n".join(lines)
 
 

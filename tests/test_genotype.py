@@ -129,6 +129,7 @@ def test_summary_names_ops_and_identity():
     text = geno.summary()
     assert "block 1: 0/16 ops" in text and "(identity)" in text
     assert "op0 L1 sep_conv_3x3 <- in" in text
+    assert text.count(") + in") == sum(not m.is_identity for m in geno.masks)  # each merge adds its input
 
 
 def _set(path, value):

@@ -359,3 +359,9 @@ def test_skeleton_bypass_from_the_config_reaches_the_supernet_and_its_genotype()
         load_config(None, ["skeleton.bypass=factorized"])  # the default cifar skeleton has no bypass
     with pytest.raises(ConfigError, match="skeleton.bypass"):
         load_config(SHUFFLE_CONFIG, ["skeleton.bypass=shortcut"])
+
+
+def test_summary_of_a_shuffle_cell_has_no_residual():
+    text = Genotype(SKELETON, SHUFFLE, True, [CELL]).summary()
+    assert "  out = sum(op10, op12)\n" in text + "\n" and "+ in" not in text
+
