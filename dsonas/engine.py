@@ -253,8 +253,8 @@ def recalibrate_bn(net, loader, ctx_list, batches=BN_RECALIBRATION_BATCHES):
                 total = data.as_in_context(ctx_list[0])
                 sums[p.name] = sums[p.name] + total if p.name in sums else total.copy()
         count += len(xs)
-    for p in stats:
-        if count:
+    if count:
+        for p in stats:
             p.set_data(sums[p.name] / count)
 
 

@@ -153,7 +153,7 @@ def load_params(net, path, ctx_list):
 def _recorded_width(record):
     """(width_mult, channel_divisor) of a retrain.json or checkpoint record; runs from before the divisor
     was configurable rounded to multiples of 8."""
-    return float(record["width_mult"]), int(record.get("channel_divisor", 8))
+    return float(record["width_mult"]), int(record.get("channel_divisor", CHANNEL_DIVISOR))
 
 
 def saved_width(params_path):
