@@ -187,13 +187,14 @@ def supernet_config(args):
                                   f"skeleton.stages={list(args.stages)}"])
 
 
-def build_supernet(args, formulation="fast", static_alloc=True):
+def build_supernet(args, formulation="fast", static_alloc=True, recompute=False):
     """The supernet of `args`, seeded and initialised like dsonas.engine.prepare, hybridized.
 
     static_alloc (default) and never static_shape: with static_shape=True as well, mxnet 1.9.1 + MKLDNN
     computes wrong gradients for this graph (bench/README.md), at no speed gain. static_alloc=False is a
     plain `hybridize()`: buffers are allocated from the pool on every call, the closest Gluon analogue of
-    how the published implementation ran (a symbolic executor without persistent static buffers).
+    how the published implementation ran (a symbolic executor without persistent static buffers), and
+    what recompute needs (`DsoNet.set_recompute`).
     """
     import mxnet as mx
 
@@ -202,7 +203,8 @@ def build_supernet(args, formulation="fast", static_alloc=True):
     cfg = supernet_config(args)
     mx.random.seed(0)
     net = build(cfg.space, cfg.skeleton, num_classes=10, input_size=args.input_size, formulation=formulation)
-    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2))
+    net.set_recompute(recompute)
     net.hybridize(static_alloc=static_alloc)
     return net
 

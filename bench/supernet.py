@@ -9,10 +9,13 @@ same initial weights:
   hybridize(static_alloc=True): the strongest baseline of that formulation on MXNet 1.9.1;
 * naive_plain: the same naive net with a plain hybridize() (no static_alloc: buffers come from the pool
   on every call), the closest Gluon analogue of the published implementation, which ran the symbolic
-  executor. The issue's 49 s/step and 15 GB are the published code's own figures, not this variant's.
+  executor. The issue's 49 s/step and 15 GB are the published code's own figures, not this variant's;
+* fast_recompute: the fast net trained with runtime.recompute (dsonas.recompute: every block's
+  activations recomputed in backward), plain hybridize(): the memory-lean way to run the same search.
 
-`speedup_vs_naive` and `memory_ratio_vs_naive` compare against **naive** (static_alloc);
-`speedup_vs_naive_plain` and `memory_ratio_vs_naive_plain` against naive_plain.
+`speedup_vs_naive` and `memory_ratio_vs_naive` compare fast against **naive** (static_alloc);
+`speedup_vs_naive_plain` and `memory_ratio_vs_naive_plain` against naive_plain; the same keys prefixed
+`fast_recompute_` compare fast_recompute.
 
 A *W step* is one forward/backward on a batch plus an NAG update of the weights; a *λ step* is the same
 with an APG-NAG update of the λ (what dsonas.engine.search runs 1:1). Steps of all variants are timed
@@ -53,8 +56,12 @@ from common import (
     train_step_fn,
 )
 
-# variant -> (block formulation, static_alloc)
-VARIANTS = {"fast": ("fast", True), "naive": ("naive", True), "naive_plain": ("naive", False)}
+# variant -> (block formulation, static_alloc, recompute)
+VARIANTS = {"fast": ("fast", True, False), "fast_recompute": ("fast", False, True),
+            "naive": ("naive", True, False), "naive_plain": ("naive", False, False)}
+NAIVE_LABELS = {"naive": "naive (static_alloc)", "naive_plain": "naive_plain (plain hybridize)"}
+NAIVE = tuple(NAIVE_LABELS)
+OURS = (("fast", ""), ("fast_recompute", "fast_recompute_"))  # variant, prefix of its headline keys
 
 
 def parse_args(argv):
@@ -63,8 +70,9 @@ def parse_args(argv):
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     add_supernet_args(p)
     p.add_argument("--variants", default="fast,naive",
-                   help="comma list of fast,naive,naive_plain (default fast,naive: every variant's net "
-                        "lives in this process, and at the paper's shape three nets need over 15 GB)")
+                   help="comma list of fast,fast_recompute,naive,naive_plain (default fast,naive: every "
+                        "variant's net lives in this process, and at the paper's shape three nets need "
+                        "over 15 GB)")
     p.add_argument("--steps", type=int, default=5, help="timed W and λ steps of the fast net (default 5)")
     p.add_argument("--naive-steps", type=int, default=2,
                    help="timed W and λ steps of each naive net (default 2; slow at the paper's shape)")
@@ -112,7 +120,7 @@ def measure(args):
         w_trainer, lam_trainer = search_trainers(args, net)
         fns[f"{v}/w"] = train_step_fn(net, w_trainer, x, y)
         fns[f"{v}/lam"] = train_step_fn(net, lam_trainer, x, y)
-        n = args.steps if v == "fast" else args.naive_steps
+        n = args.naive_steps if v in NAIVE else args.steps
         rounds[f"{v}/w"] = rounds[f"{v}/lam"] = n
     first = list(nets[args.variants[0]].collect_params().values())
     for v in args.variants[1:]:  # the same initial weights and λ in every variant
@@ -146,21 +154,23 @@ def measure(args):
         }
         if v in memory:
             result["variants"][v].update({k: memory[v][k] for k in ("peak_rss_delta_mb", "peak_rss_mb")})
-    fast = result["variants"].get("fast")
-    for base in ("naive", "naive_plain"):
-        result.update(dict.fromkeys((f"speedup_vs_{base}", f"speedup_w_step_vs_{base}",
-                                     f"speedup_lambda_step_vs_{base}", f"memory_ratio_vs_{base}")))
-        naive = result["variants"].get(base)
-        if fast is None or naive is None:
-            continue
-        w, lam = "ms_per_w_step", "ms_per_lambda_step"
-        result[f"speedup_vs_{base}"] = (naive[w] + naive[lam]) / (fast[w] + fast[lam])
-        result[f"speedup_w_step_vs_{base}"] = naive[w] / fast[w]
-        result[f"speedup_lambda_step_vs_{base}"] = naive[lam] / fast[lam]
-        if not args.no_memory:
-            result[f"memory_ratio_vs_{base}"] = fast["peak_rss_delta_mb"] / naive["peak_rss_delta_mb"]
-    result["peak_fraction"] = (step_flops / (fast["ms_per_w_step"] / 1e3) / (peak * 1e9)
-                               if fast is not None else None)
+    for v, prefix in OURS:
+        ours = result["variants"].get(v)
+        for base in NAIVE:
+            keys = [f"{prefix}{k}_vs_{base}" for k in ("speedup", "speedup_w_step", "speedup_lambda_step",
+                                                        "memory_ratio")]
+            result.update(dict.fromkeys(keys))
+            naive = result["variants"].get(base)
+            if ours is None or naive is None:
+                continue
+            w, lam = "ms_per_w_step", "ms_per_lambda_step"
+            result[keys[0]] = (naive[w] + naive[lam]) / (ours[w] + ours[lam])
+            result[keys[1]] = naive[w] / ours[w]
+            result[keys[2]] = naive[lam] / ours[lam]
+            if not args.no_memory:
+                result[keys[3]] = ours["peak_rss_delta_mb"] / naive["peak_rss_delta_mb"]
+        result[f"{prefix}peak_fraction"] = (step_flops / (ours["ms_per_w_step"] / 1e3) / (peak * 1e9)
+                                            if ours is not None else None)
     return result
 
 
@@ -179,16 +189,17 @@ def report(r):
     head = ["variant", "W step (ms)", "λ step (ms)", "images/s (W)", "GFLOP/s (W)", "peak RSS +MB"]
     print_table(head, rows)
     print()
-    for base, label in (("naive", "naive (static_alloc)"), ("naive_plain", "naive_plain (plain hybridize)")):
-        if r[f"speedup_vs_{base}"] is not None:
-            w, lam = r[f"speedup_w_step_vs_{base}"], r[f"speedup_lambda_step_vs_{base}"]
-            line = (f"fast vs {label}: {r[f'speedup_vs_{base}']:.1f}x faster per W+λ step pair "
-                    f"(W {w:.1f}x, λ {lam:.1f}x)")
-            if r[f"memory_ratio_vs_{base}"] is not None:
-                line += f", {r[f'memory_ratio_vs_{base}']:.2f}x its peak memory"
-            print(line)
-    if r["peak_fraction"] is not None:
-        print(f"fast W step reaches {100 * r['peak_fraction']:.1f}% of the measured peak GFLOP/s")
+    for v, prefix in OURS:
+        for base, label in NAIVE_LABELS.items():
+            if r[f"{prefix}speedup_vs_{base}"] is not None:
+                w, lam = r[f"{prefix}speedup_w_step_vs_{base}"], r[f"{prefix}speedup_lambda_step_vs_{base}"]
+                line = (f"{v} vs {label}: {r[f'{prefix}speedup_vs_{base}']:.1f}x faster per W+λ step pair "
+                        f"(W {w:.1f}x, λ {lam:.1f}x)")
+                if r[f"{prefix}memory_ratio_vs_{base}"] is not None:
+                    line += f", {r[f'{prefix}memory_ratio_vs_{base}']:.2f}x its peak memory"
+                print(line)
+        if r[f"{prefix}peak_fraction"] is not None:
+            print(f"{v} W step reaches {100 * r[f'{prefix}peak_fraction']:.1f}% of the measured peak GFLOP/s")
 
 
 def main(argv=None):

@@ -24,6 +24,8 @@ would have to be Constant parameters, renamed whenever the mask changes), and λ
 share a row with live ones are replaced by exact zeros, so they receive no gradient.
 """
 
+import warnings
+
 from mxnet.gluon import nn
 
 from dsonas.genotype import check_mask
@@ -113,7 +115,20 @@ def _level_matrix(F, lam, shape, rows, cols, edges):
     return out[0] if len(out) == 1 else F.concat(*out, dim=0)
 
 
-class MaskedBlock(nn.HybridBlock):
+class PrunableBlock(nn.HybridBlock):
+    """A HybridBlock that keeps the Parameters of pruned ops (so optimizer states stay aligned).
+
+    Gluon warns about every Parameter outside a traced graph; after a mask shrinks that is expected, so
+    tracing silences just that warning (the net, and each block when dsonas.recompute traces it alone).
+    """
+
+    def _build_cache(self, *args):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Parameter .* is not used by any computation")
+            return super()._build_cache(*args)
+
+
+class MaskedBlock(PrunableBlock):
     """One block of `spec` at `channels` channels, restricted to `mask`.
 
     searchable=True: ``block(x, *lams)`` with lams in ``spec.lambda_keys()`` order (in2 .. in{M}, out).

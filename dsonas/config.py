@@ -126,6 +126,7 @@ class RuntimeConfig:
     ctx: list[str] = _f(["cpu"], min_length=1, unique=True, item_pattern=_CTX)
     kvstore: str = _f("device", choices=_KVSTORES)
     threads: int | None = _f(None, min=1)
+    recompute: bool = _f(False)
 
 
 @dataclass

@@ -33,7 +33,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
-from dsonas import cost, distributed, optim  # noqa: F401  (optim registers the "apgnag" optimizer)
+from dsonas import cost, distributed, optim, recompute  # noqa: F401  (optim registers the "apgnag" optimizer)
 from dsonas.checkpoint import load_checkpoint, named_parameters, reseed, save_checkpoint
 from dsonas.data import make_datasets, make_loaders
 from dsonas.genotype import BlockMask, Genotype, derive_mask
@@ -123,15 +123,21 @@ def prepare(cfg, ctx_list, kvstore, log=print, cluster=None):
     # output std 4.5 after the first block, first-batch loss 26; fan-in: std 1.35, loss 2.9).
     net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx_list)
     params = named_parameters(net)
-    # static_alloc only: with static_shape=True as well, mxnet 1.9.1 + oneDNN computes wrong gradients on
-    # this graph (bench/README.md); static_alloc alone matches imperative gradients and is as fast.
-    net.hybridize(static_alloc=True)
+    net.set_recompute(cfg.runtime.recompute)
+    _hybridize(net)
     return Session(cfg=cfg, ctx=list(ctx_list), kvstore=kvstore, loaders=loaders, net=net, params=params,
                    input_shape=(1, 3, bundle.input_size, bundle.input_size), log=log,
                    loss_fn=gluon.loss.SoftmaxCrossEntropyLoss(), dist=cluster)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _hybridize(net):
+    """static_alloc, never static_shape: with static_shape=True as well, mxnet 1.9.1 + oneDNN computes wrong
+    gradients on this graph (bench/README.md); static_alloc alone matches imperative gradients and is as
+    fast. In recompute mode a plain hybridize: static buffers would keep every segment's graph allocated."""
+    net.hybridize(static_alloc=not net.recompute)
 
 
 def _w_trainer(s, stage_cfg):
@@ -243,11 +249,15 @@ def recalibrate_bn(net, loader, ctx_list, batches=BN_RECALIBRATION_BATCHES):
     sums, count = {}, 0
     for batch in itertools.islice(loader, batches):
         xs, _ = split_batch(batch, ctx_list)
-        for x in xs:
-            x.attach_grad()
-        with autograd.record():
-            outputs = [net(x) for x in xs]
-        autograd.backward(outputs)
+        if net.recompute:  # one segment's graph at a time
+            for x in xs:
+                recompute.bn_statistics_pass(net, x)
+        else:
+            for x in xs:
+                x.attach_grad()
+            with autograd.record():
+                outputs = [net(x) for x in xs]
+            autograd.backward(outputs)
         for p in stats:
             for data in p.list_data():
                 total = data.as_in_context(ctx_list[0])
@@ -276,10 +286,11 @@ def evaluate_twin(s, loader):
             bn._kwargs["momentum"] = 0.0  # running statistics := the last batch's (Gluon has no setter)
         for param in s.twin.collect_params().values():
             param.grad_req = "null"
-        # static_alloc only: with static_shape as well, the recalibration's backward pass leaves the BN
-        # statistics such that inference is wrong (accuracy 0.11 where the same batch in training mode
-        # and the unhybridized twin give 0.98, measured on MXNet 1.9.1).
-        s.twin.hybridize(static_alloc=True)
+        s.twin.set_recompute(s.net.recompute)
+        # Not static_shape either: with it, the recalibration's backward pass leaves the BN statistics such
+        # that inference is wrong (accuracy 0.11 where the same batch in training mode and the
+        # unhybridized twin give 0.98, measured on MXNet 1.9.1).
+        _hybridize(s.twin)
     if s.twin.masks != s.net.masks:
         s.twin.set_masks(s.net.masks)
     twin_params = named_parameters(s.twin)

@@ -88,13 +88,21 @@ def check_finite(loss, stage, epoch, iteration, lr_keys):
 
 
 def train_step(net, loss_fn, trainer, xs, ys, meter, ignore_stale_grad=False):
-    """Forward/backward on every device slice, one trainer step for the whole batch."""
+    """Forward/backward on every device slice, one trainer step for the whole batch.
+
+    A net in recompute mode (DsoNet.set_recompute) runs its segments through dsonas.recompute instead.
+    """
     from mxnet import autograd
 
-    with autograd.record():
-        outputs = [net(x) for x in xs]
-        losses = [loss_fn(out, y) for out, y in zip(outputs, ys, strict=True)]
-    autograd.backward(losses)
+    from dsonas import recompute
+
+    if getattr(net, "recompute", False):
+        outputs, losses = recompute.forward_backward(net, loss_fn, xs, ys)
+    else:
+        with autograd.record():
+            outputs = [net(x) for x in xs]
+            losses = [loss_fn(out, y) for out, y in zip(outputs, ys, strict=True)]
+        autograd.backward(losses)
     trainer.step(sum(x.shape[0] for x in xs), ignore_stale_grad=ignore_stale_grad)
     meter.update(losses, outputs, ys)
 

@@ -21,13 +21,11 @@ between stages -> ReLU -> global average pool -> dropout -> dense.
   ``cell{b}_`` either way, so per-block costs and reports read them alike.
 """
 
-import warnings
-
 import mxnet as mx
 from mxnet.gluon import nn
 
 from dsonas import shuffle
-from dsonas.block import MaskedBlock, ReductionBlock
+from dsonas.block import MaskedBlock, PrunableBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
 from dsonas.ops import DepthwiseConv
@@ -81,7 +79,7 @@ def _aux_head(channels, num_classes, bn_scale):
     return head
 
 
-class DsoNet(nn.HybridBlock):
+class DsoNet(PrunableBlock):
     """A DSO-NAS network: `searchable` = supernet with λ (search), else a derived net (retrain/export).
 
     masks: one BlockMask per block (a `share` net repeats the same mask). `shared` decides how λ are
@@ -115,6 +113,7 @@ class DsoNet(nn.HybridBlock):
         self._lambda_names = []  # per block: attribute names of its λ, in spec.lambda_keys() order
         self._layers = []        # forward order: (block index or None, child)
         self._nulled = set()     # names of Parameters whose grad_req set_masks turned to 'null'
+        self.recompute = False   # see set_recompute
         with self.name_scope():
             if skeleton.is_shuffle:
                 features = self._build_shuffle(widths, bn_scale)
@@ -215,11 +214,45 @@ class DsoNet(nn.HybridBlock):
             h = layer(h, *[lams[name] for name in self._lambda_names[block]]) if self.searchable else layer(h)
             if self.aux and block == self._aux_after:
                 aux_logits = self.aux_head(h)
+        logits = self._classify(h)
+        return (logits, aux_logits) if self.aux else logits
+
+    def _classify(self, h):
+        """The head after the last block: ReLU (or the shuffle head), global pool, dropout, dense."""
         h = self.pool(self.head(h))
         if self.dropout is not None:
             h = self.dropout(h)
-        logits = self.classifier(h)
-        return (logits, aux_logits) if self.aux else logits
+        return self.classifier(h)
+
+    def segments(self, ctx):
+        """The forward pass as callables h -> h run in sequence: the stem, every block and reduction
+        (reading the λ of context `ctx`), the classifier head. Their composition is `self(x)`; each is
+        its own hybridized graph when the net is hybridized (dsonas.recompute runs them one at a time)."""
+        if self.aux:
+            raise ValueError("segments: the auxiliary head branches off mid-net; build with aux=False")
+        out = [self.stem]
+        for block, layer in self._layers:
+            if block is None or not self.searchable:
+                out.append(layer)
+            else:
+                names = self._lambda_names[block]
+                out.append(lambda h, layer=layer, names=names:
+                           layer(h, *[getattr(self, name).data(ctx) for name in names]))
+        out.append(self._classify)
+        return out
+
+    def set_recompute(self, on):
+        """Train by recomputing each segment's activations in backward (dsonas.recompute): far less memory
+        for one more forward pass. Live Parameters get grad_req 'add' (gradients summed over segments,
+        zeroed by every step), and the net should be hybridized without static_alloc, which would keep
+        every segment's buffers allocated and save nothing."""
+        if on and any(cell.drop_path > 0 for cell in self._blocks):
+            raise ConfigError("recompute needs deterministic blocks: drop-path would draw different masks "
+                              "when a block is recomputed; set drop_path to 0 or turn recompute off")
+        self.recompute = bool(on)
+        for param in self.collect_params().values():
+            if param.grad_req != "null":
+                param.grad_req = self._live_grad_req
 
     def lambda_params(self):
         """The λ Parameters (one set if shared, one per block if full); empty for a derived net."""
@@ -259,7 +292,7 @@ class DsoNet(nn.HybridBlock):
             raise ValueError("a share net takes the same mask for every block")
         for cell, mask in zip(self._blocks, masks, strict=True):
             cell.set_mask(mask)
-        self._clear_cached_op()
+        self._clear_cached_ops()
         self._sync_grad_reqs()
 
     def set_depthwise_split(self, split):
@@ -267,23 +300,27 @@ class DsoNet(nn.HybridBlock):
         (inference, export): same Parameters, same outputs (see ops.DepthwiseConv); clears the graph."""
         for conv in blocks_of(self, DepthwiseConv):
             conv.split = split
-        self._clear_cached_op()
+        self._clear_cached_ops()
 
     def set_drop_path(self, prob):
         """Change the drop-path probability (e.g. a schedule growing it over epochs); clears the graph."""
+        if prob > 0 and self.recompute:
+            raise ConfigError("drop-path needs recompute off (a recomputed block would draw new masks)")
         for cell in self._blocks:
             cell.drop_path = prob
-        self._clear_cached_op()
+        self._clear_cached_ops()
 
-    def _build_cache(self, *args):
-        """Gluon warns about every Parameter outside the traced graph; after set_masks that is expected
-        (pruned ops keep their Parameters so optimizer states stay aligned), so silence just that."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Parameter .* is not used by any computation")
-            return super()._build_cache(*args)
+    def _clear_cached_ops(self):
+        """Drop the traced graph of this net and of every sub-block: with recompute the segments run
+        their own graphs, which a changed mask or kernel split invalidates as well."""
+        self.apply(lambda block: block._clear_cached_op() if isinstance(block, nn.HybridBlock) else None)
+
+    @property
+    def _live_grad_req(self):
+        return "add" if self.recompute else "write"
 
     def _sync_grad_reqs(self):
-        """grad_req 'null' for Parameters outside the current graph, 'write' again for those back in it."""
+        """grad_req 'null' for Parameters outside the current graph, the live req again for those back in."""
         out = self(mx.sym.var("data"))
         used = set((mx.sym.Group(list(out)) if isinstance(out, tuple) else out).list_inputs())
         for param in self.collect_params().values():
@@ -291,7 +328,7 @@ class DsoNet(nn.HybridBlock):
                 param.grad_req = "null"
                 self._nulled.add(param.name)
             elif param.name in used and param.name in self._nulled:
-                param.grad_req = "write"
+                param.grad_req = self._live_grad_req
                 self._nulled.discard(param.name)
 
 

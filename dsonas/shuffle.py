@@ -31,7 +31,7 @@ axes, and `reshape_like` back to the input's shape (no -3/-4 split/merge codes).
 
 from mxnet.gluon import nn
 
-from dsonas.block import ReductionBlock
+from dsonas.block import PrunableBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.ops import bn_relu
 from dsonas.space import BYPASSES
@@ -109,7 +109,7 @@ def make_bypass(kind, in_channels, out_channels, bn_scale):
     raise ConfigError(f"bypass: unknown kind {kind!r}; use one of {', '.join(BYPASSES)}")
 
 
-class ShuffleUnit(nn.HybridBlock):
+class ShuffleUnit(PrunableBlock):
     """One ShuffleNet V2 unit around `cell` (a MaskedBlock of ``out_channels // 2`` channels, no residual).
 
     stride 1 (``in_channels == out_channels``): split / cell on the first half / concat / shuffle.

@@ -208,3 +208,15 @@ def test_recalibrated_twin_in_inference_equals_the_supernet_on_batch_statistics(
     with mx.autograd.train_mode():
         reference = s.net(x).asnumpy()
     assert np.abs(s.twin(x).asnumpy() - reference).max() < 1e-3
+
+
+def test_recompute_search_matches_the_stored_activation_search(straight, tmp_path):
+    """runtime.recompute changes memory and time, not results: same λ (to float rounding), same genotype."""
+    cfg = tiny_cfg("runtime.recompute=true")
+    result = engine.run_search(cfg, new_run(tmp_path, "recompute", cfg))
+    reference, _ = straight
+    assert result.genotype.masks == reference.genotype.masks
+    for lam, ref in zip(result.genotype.lambdas, reference.genotype.lambdas, strict=True):
+        for key in ref:
+            np.testing.assert_allclose(lam[key], ref[key], rtol=0, atol=1e-4, err_msg=key)
+    assert result.summary["supernet_test_acc"] == pytest.approx(reference.summary["supernet_test_acc"])
