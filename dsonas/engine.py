@@ -249,7 +249,7 @@ def recalibrate_bn(net, loader, ctx_list, batches=BN_RECALIBRATION_BATCHES):
     sums, count = {}, 0
     for batch in itertools.islice(loader, batches):
         xs, _ = split_batch(batch, ctx_list)
-        if net.recompute:  # one segment's graph at a time
+        if getattr(net, "recompute", False):  # one segment's graph at a time
             for x in xs:
                 recompute.bn_statistics_pass(net, x)
         else:

@@ -197,10 +197,12 @@ def test_recalibrate_bn_sets_the_mean_of_the_batch_statistics():
     assert not np.allclose(out.mean(axis=(0, 2, 3)), 0, atol=0.1)  # averaged stats, not the last batch's
 
 
-def test_recalibrated_twin_in_inference_equals_the_supernet_on_batch_statistics(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recalibrated_twin_in_inference_equals_the_supernet_on_batch_statistics(recompute):
     """After recalibrating on one batch, the twin's inference output on that batch is the training-mode
-    output (batch statistics) of the supernet. Fails with a static_shape twin (max diff 19 measured)."""
-    cfg = tiny_cfg()
+    output (batch statistics) of the supernet. Fails with a static_shape twin (max diff 19 measured).
+    With recompute the twin recalibrates one segment at a time (dsonas.recompute.bn_statistics_pass)."""
+    cfg = tiny_cfg(f"runtime.recompute={str(recompute).lower()}")
     s = engine.prepare(cfg, [mx.cpu()], "device", log=lambda msg: None)
     x, y = next(iter(s.loaders.test))
     engine.evaluate_twin(s, [(x, y)])  # builds the twin and copies the weights in
