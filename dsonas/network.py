@@ -218,8 +218,10 @@ class DsoNet(PrunableBlock):
         return (logits, aux_logits) if self.aux else logits
 
     def _classify(self, h):
-        """The head after the last block: ReLU (or the shuffle head), global pool, dropout, dense."""
-        h = self.pool(self.head(h))
+        """The head after the last block: ReLU (or the shuffle head, if any), global pool, dropout, dense."""
+        if self.head is not None:
+            h = self.head(h)
+        h = self.pool(h)
         if self.dropout is not None:
             h = self.dropout(h)
         return self.classifier(h)
@@ -232,6 +234,8 @@ class DsoNet(PrunableBlock):
             raise ValueError("segments: the auxiliary head branches off mid-net; build with aux=False")
         out = [self.stem]
         for block, layer in self._layers:
+            if isinstance(layer, MaskedBlock) and layer.mask.is_identity:
+                continue  # returns its input: hybridized alone, that output would not be recorded
             if block is None or not self.searchable:
                 out.append(layer)
             else:

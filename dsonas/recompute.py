@@ -7,7 +7,9 @@ paper's batch 128 would need ~45 GB. Here the forward pass runs once without rec
 each segment's input (stem, every block and reduction, the classifier head: `DsoNet.segments`); backward
 then goes from the last segment to the first, re-running each one recorded from its stored input and
 back-propagating the gradient of its output through it. What is held at once is the segment inputs plus
-one segment's graph; the price is one more forward pass (~1/3 of a step).
+one segment's graph; the price is a second forward pass and, because a static memory plan would keep
+every segment's buffers, a plain `hybridize()`: at the paper's shape 0.31 of the naive formulation's
+memory at 1.6x the step time of the default (bench/README.md).
 
 Same maths as `loop.train_step`: every segment sees the same input twice, so BN batch statistics are the
 same, and MXNet updates BN running statistics in BN's backward only, which runs once per step. Gradients

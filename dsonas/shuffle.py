@@ -162,10 +162,12 @@ def stem_channels(kind, first_width):
 
 
 def head(kind, channels, bn_scale):
-    """(layers before global pooling, their output width): ShuffleNet V2's 1x1 conv to 1024 + BN + ReLU
-    on shuffle_imagenet; nothing on shuffle_cifar (every unit already ends in ReLU or BN outputs)."""
+    """(layers before global pooling or None, their output width): ShuffleNet V2's 1x1 conv to 1024 + BN +
+    ReLU on shuffle_imagenet; None on shuffle_cifar (every unit already ends in ReLU or BN outputs). Not an
+    empty Sequential: hybridized on its own (dsonas.recompute) its output would be its input, unrecorded,
+    and backward would stop there."""
     if kind == "shuffle_cifar":
-        return _seq("head_", []), channels
+        return None, channels
     return _seq("head_", [nn.Conv2D(IMAGENET_HEAD, 1, use_bias=False, in_channels=channels),
                           *bn_relu(IMAGENET_HEAD, bn_scale)]), IMAGENET_HEAD
 

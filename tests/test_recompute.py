@@ -13,11 +13,17 @@ from dsonas.space import OP_SETS, BlockSpec, Skeleton
 
 SPEC = BlockSpec(levels=3, ops=OP_SETS["dso"])
 SKELETON = Skeleton("cifar", 8, (2, 1), 5, 8)
+# ShuffleNASNet form: every block a cell inside a ShuffleNet V2 unit (a down unit opens each stage)
+SHUFFLE_SPEC = BlockSpec(levels=2, ops=OP_SETS["shuffle"], merge="sum")
+SHUFFLE_SKELETON = Skeleton("shuffle_cifar", 8, (1, 2), 5, 8)
 BATCH = 4
+KINDS = {"share": (True, SKELETON, SPEC), "full": (False, SKELETON, SPEC),
+         "shuffle": (True, SHUFFLE_SKELETON, SHUFFLE_SPEC)}
 
 
-def supernet(shared, recompute, seed=0):
-    net = DsoNet(SKELETON, SPEC, [BlockMask.full(SPEC)] * SKELETON.num_blocks, searchable=True, shared=shared,
+def supernet(kind, recompute, seed=0):
+    shared, skeleton, spec = KINDS[kind]
+    net = DsoNet(skeleton, spec, [BlockMask.full(spec)] * skeleton.num_blocks, searchable=True, shared=shared,
                  bn_scale=False)
     mx.random.seed(seed)
     net.initialize(mx.init.Xavier(), ctx=[mx.cpu(0), mx.cpu(1)])
@@ -62,9 +68,9 @@ def assert_same_step(a, b):
         np.testing.assert_allclose(value, stats_b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_recomputed_step_equals_the_ordinary_step(shared):
-    ordinary, recomputed = supernet(shared, False), supernet(shared, True)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_recomputed_step_equals_the_ordinary_step(kind):
+    ordinary, recomputed = supernet(kind, False), supernet(kind, True)
     assert all(p.grad_req in ("add", "null") for p in recomputed.collect_params().values())
     reference = one_step(ordinary)
     assert_same_step(one_step(recomputed), reference)
@@ -73,7 +79,7 @@ def test_recomputed_step_equals_the_ordinary_step(shared):
 
 
 def test_recompute_after_shrinking_uses_the_new_graphs():
-    nets = [supernet(True, False), supernet(True, True)]
+    nets = [supernet("share", False), supernet("share", True)]
     for net in nets:
         one_step(net)  # trace every segment's graph on the full mask first
         lam = {p.name: p.data().asnumpy() for p in net.lambda_params()}
@@ -88,8 +94,20 @@ def test_recompute_after_shrinking_uses_the_new_graphs():
     assert_same_step(one_step(nets[1], seed=1), one_step(nets[0], seed=1))
 
 
-def test_segments_compose_to_the_network():
-    net = supernet(True, True)
+def test_recompute_with_blocks_pruned_to_identity():
+    """A full net whose second block keeps no op: that block is skipped as a segment (its output would be
+    its own input, which backward through a lone hybridized graph would not reach)."""
+    identity = BlockMask(inputs=((),) * SPEC.num_op_slots, outputs=())
+    nets = [supernet("full", False), supernet("full", True)]
+    for net in nets:
+        net.set_masks([net.masks[0], identity, net.masks[2]])
+    assert len(nets[1].segments(mx.cpu(0))) == 2 + SKELETON.num_blocks  # stem, 2 blocks, 1 reduction, head
+    assert_same_step(one_step(nets[1]), one_step(nets[0]))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_segments_compose_to_the_network(kind):
+    net = supernet(kind, True)
     x, _ = batch()
     h = x.as_in_context(mx.cpu(0))
     for segment in net.segments(mx.cpu(0)):
@@ -98,7 +116,7 @@ def test_segments_compose_to_the_network():
 
 
 def test_recompute_refuses_drop_path():
-    genotype = Genotype.from_network(supernet(True, False))
+    genotype = Genotype.from_network(supernet("share", False))
     net = compile_genotype(genotype, drop_path=0.2)
     with pytest.raises(ConfigError, match="drop-path"):
         net.set_recompute(True)
