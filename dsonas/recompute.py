@@ -12,7 +12,9 @@ every segment's buffers, a plain `hybridize()`: at the paper's shape 0.31 of the
 memory at 1.6x the step time of the default (bench/README.md).
 
 Same maths as `loop.train_step`: every segment sees the same input twice, so BN batch statistics are the
-same, and MXNet updates BN running statistics in BN's backward only, which runs once per step. Gradients
+same, and MXNet updates BN running statistics in BN's backward only, which runs once per step. Float
+rounding differs (gradients are summed in another order): a step agrees to ~1e-6, and a long search drifts
+from the ordinary one as it would with another thread count. Gradients
 of a Parameter read by several segments (a share net's λ) must be summed over the segments, so
 `DsoNet.set_recompute` gives live Parameters grad_req 'add' and each step starts by zeroing them.
 A segment must be deterministic: drop-path would draw different masks in the two passes (refused).
