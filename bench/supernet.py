@@ -73,7 +73,8 @@ def parse_args(argv):
                    help="comma list of fast,fast_recompute,naive,naive_plain (default fast,naive: every "
                         "variant's net lives in this process, and at the paper's shape three nets need "
                         "over 15 GB)")
-    p.add_argument("--steps", type=int, default=5, help="timed W and λ steps of the fast net (default 5)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed W and λ steps of fast and fast_recompute (default 5)")
     p.add_argument("--naive-steps", type=int, default=2,
                    help="timed W and λ steps of each naive net (default 2; slow at the paper's shape)")
     p.add_argument("--warmup", type=int, default=1, help="untimed W and λ steps per variant (default 1)")
