@@ -8,7 +8,7 @@ GluonCV models do. Figures: latency at batch 1 and 8 (ms per call) and throughpu
 (images/s), each model in two forms timed interleaved per (size, batch):
 
 * static: hybridize(static_alloc=True, static_shape=True);
-* mkldnn: optimize_for(x, backend='MKLDNN', static_alloc=True, static_shape=True), oneDNN's graph pass
+* mkldnn: dsonas.export.optimize_mkldnn(x, static_alloc=True, static_shape=True), oneDNN's graph pass
   (conv+BN+ReLU fusion). mxnet 1.9.1 knows no backend named 'ONEDNN' (it would silently run unfused).
   Its outputs are checked against the static form (max abs difference relative to the output's scale).
 
@@ -110,13 +110,13 @@ def instance(build, reference):
 
 def prepare(build, reference, x, form):
     """A net in `form` on input shape x.shape, called once (graph built, buffers allocated)."""
+    from dsonas.export import optimize_mkldnn
+
     net = instance(build, reference)
     if form == "static":
         net.hybridize(static_alloc=True, static_shape=True)
     else:
-        if hasattr(net, "set_depthwise_split"):  # see dsonas.export: plain 5x5 depthwise breaks the fusion
-            net.set_depthwise_split(True)
-        net.optimize_for(x, backend="MKLDNN", static_alloc=True, static_shape=True)
+        optimize_mkldnn(net, x, static_alloc=True, static_shape=True)
     net(x).wait_to_read()
     return net
 

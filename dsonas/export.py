@@ -64,6 +64,19 @@ def onnx_available():
                           "pip install 'onnx<1.16'")
 
 
+def optimize_mkldnn(net, x, **hybridize_flags):
+    """`net.optimize_for(x, backend="MKLDNN", ...)`: oneDNN's fused graph (conv+BN, conv+sum, ...).
+
+    A DsoNet is switched to its width-3 split of wide depthwise kernels first: oneDNN's fusion passes
+    (MXNet 1.9.1) leave outputs that cannot be read back (asnumpy: "can't generate TBlob for MKLDNN data")
+    on some nets with plain 5x5 depthwise convs, measured with 2 threads and 8-channel stages; the split
+    form (same maths) fuses fine.
+    """
+    if hasattr(net, "set_depthwise_split"):
+        net.set_depthwise_split(True)
+    net.optimize_for(x, backend="MKLDNN", **hybridize_flags)
+
+
 def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ctx=None, seed=0, log=print):
     """Write PREFIX-symbol.json, PREFIX-0000.params, PREFIX.json (and PREFIX.onnx), each reload-checked.
 
@@ -89,12 +102,7 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
     if fuse_bn:
         if not mx.runtime.Features().is_enabled("MKLDNN"):
             raise ExportError("--fuse-bn needs an MKLDNN-enabled MXNet build; export without --fuse-bn")
-        if hasattr(net, "set_depthwise_split"):
-            # oneDNN's fusion passes (MXNet 1.9.1) leave outputs that cannot be read back (asnumpy:
-            # "can't generate TBlob for MKLDNN data") on some nets with plain 5x5 depthwise convs,
-            # measured with 2 threads and 8-channel stages; the split form (same maths) fuses fine.
-            net.set_depthwise_split(True)
-        net.optimize_for(x, backend="MKLDNN")
+        optimize_mkldnn(net, x)
 
     folder = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(folder, exist_ok=True)
