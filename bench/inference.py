@@ -5,14 +5,18 @@ Models: the derived net (a --genotype file, or by default a share genotype deriv
 and GluonCV's ShuffleNetV2 1.0 (`shufflenet_v2`), MobileNetV2 1.0 and MobileNet 1.0, all with random
 weights (speed does not depend on them). Every model runs the same network at both input sizes, as the
 GluonCV models do. Figures: latency at batch 1 and 8 (ms per call) and throughput at batch 64
-(images/s), each model in two forms timed interleaved per (size, batch):
+(images/s), each model in three forms timed interleaved per (size, batch):
 
 * static: hybridize(static_alloc=True, static_shape=True);
-* mkldnn: dsonas.export.optimize_mkldnn(x, static_alloc=True, static_shape=True), oneDNN's graph pass
-  (conv+BN+ReLU fusion). mxnet 1.9.1 knows no backend named 'ONEDNN' (it would silently run unfused).
-  Its outputs are checked against the static form (max abs difference relative to the output's scale).
+* folded: dsonas.fold.folded_block (BatchNorm folded into the convolution before it, on the graph: the
+  form `tools/export_symbol.py` writes), hybridized the same way;
+* mkldnn: dsonas.export.optimize_mkldnn(x, static_alloc=True, static_shape=True): the folded graph
+  through oneDNN's graph pass (conv+ReLU and conv+sum fusion), the form `export_symbol.py --fuse-bn`
+  writes. mxnet 1.9.1 knows no backend named 'ONEDNN' (it would silently run unfused).
+The folded and mkldnn outputs are checked against the static form's (max abs difference relative to the
+output's scale).
 
-The headline ratios use each model's faster form. MACs are dsonas.cost.count's per image (FLOPs = 2 x MACs).
+The headline ratios use each model's fastest form. MACs are dsonas.cost.count's per image (FLOPs = 2 x MACs).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/inference.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/inference.py --sizes 32 --repeats 5 --models shufflenet_v2
@@ -34,7 +38,11 @@ from common import (
 ZOO = ("shufflenet_v2", "mobilenetv2_1.0", "mobilenet1.0")
 DERIVED = "dsonas"
 BATCHES = (1, 8, 64)
-FORMS = ("static", "mkldnn")
+FORMS = ("static", "folded", "mkldnn")
+# Built in this order: oneDNN's fused graph built after a static_alloc Gluon net of the same model has
+# run gave unreadable outputs ("can't generate TBlob for MKLDNN data", MXNet 1.9.1; derived nets at batch
+# 8 and 64); built first, every form of every model ran.
+PREPARE_ORDER = ("mkldnn", "folded", "static")
 TOLERANCE = 1e-3  # relative to max |output|: fusing BN into convolutions reorders float sums
 
 
@@ -111,12 +119,17 @@ def instance(build, reference):
 def prepare(build, reference, x, form):
     """A net in `form` on input shape x.shape, called once (graph built, buffers allocated)."""
     from dsonas.export import optimize_mkldnn
+    from dsonas.fold import folded_block
 
     net = instance(build, reference)
-    if form == "static":
-        net.hybridize(static_alloc=True, static_shape=True)
+    if form != "static":
+        net(x)  # finishes GluonCV's deferred initialisation: folding reads every Parameter
+    if form == "folded":
+        net, _ = folded_block(net)
+    if form == "mkldnn":
+        net, _ = optimize_mkldnn(net, x, static_alloc=True, static_shape=True)
     else:
-        optimize_mkldnn(net, x, static_alloc=True, static_shape=True)
+        net.hybridize(static_alloc=True, static_shape=True)
     net(x).wait_to_read()
     return net
 
@@ -147,12 +160,13 @@ def measure(args):
             x = mx.nd.random.normal(shape=(batch, 3, size, size))
             fns = {}
             for name, b in build.items():
-                nets = {form: prepare(b, refs[name], x, form) for form in FORMS}
-                ref_out, opt_out = nets["static"](x).asnumpy(), nets["mkldnn"](x).asnumpy()
+                nets = {form: prepare(b, refs[name], x, form) for form in PREPARE_ORDER}
+                ref_out = nets["static"](x).asnumpy()
                 scale = max(float(abs(ref_out).max()), 1e-12)
-                rows[(name, size)].setdefault("mkldnn_max_rel_diff", 0.0)
-                rows[(name, size)]["mkldnn_max_rel_diff"] = max(rows[(name, size)]["mkldnn_max_rel_diff"],
-                                                                float(abs(opt_out - ref_out).max()) / scale)
+                row = rows[(name, size)]
+                for form in FORMS[1:]:
+                    diff = float(abs(nets[form](x).asnumpy() - ref_out).max()) / scale
+                    row[f"{form}_max_rel_diff"] = max(row.get(f"{form}_max_rel_diff", 0.0), diff)
                 for form, net in nets.items():
                     fns[(name, form)] = call_fn(net, x)
             heavy = batch * size * size / (8 * 224 * 224)  # fewer calls where one call is long
@@ -171,7 +185,7 @@ def measure(args):
             else:
                 key, pick = f"b{batch}_ms", min
             row[key] = pick(row[f"{form}_{key}"] for form in FORMS)
-        row["mkldnn_outputs_match"] = row["mkldnn_max_rel_diff"] <= TOLERANCE
+        row["outputs_match"] = all(row[f"{form}_max_rel_diff"] <= TOLERANCE for form in FORMS[1:])
     result = {
         "config": {"genotype": args.genotype or f"random λ, sparsity {args.sparsity}, seed {args.seed}",
                    "derived_width_mult": width, "derived_skeleton": genotype.skeleton.to_dict(),
@@ -191,20 +205,26 @@ def measure(args):
     return result
 
 
+def per_form(row, key, fmt):
+    """One table cell: the figure `key` of every form, in FORMS order."""
+    return " / ".join(format(row[f"{form}_{key}"], fmt) for form in FORMS)
+
+
 def report(r):
     c = r["config"]
     print(load_note(c["load_at_start"]))
     print(f"derived net: {c['genotype']}, {c['derived_skeleton']['kind']} skeleton "
           f"{c['derived_skeleton']['stages']}, width x{c['derived_width_mult']:.3f}; "
           f"OMP_NUM_THREADS={c['omp_num_threads']}")
-    print("latency = ms per call, throughput = images/s; each cell: static-hybridized / MKLDNN-optimized\n")
+    print("latency = ms per call, throughput = images/s; each cell: static-hybridized / BN-folded / "
+          "MKLDNN-optimized\n")
     rows = []
     for row in r["rows"]:
+        worst = max(row[f"{form}_max_rel_diff"] for form in FORMS[1:])
         rows.append([row["model"], f"{row['size']}", f"{row['macs'] / 1e6:.1f}", f"{row['params'] / 1e6:.2f}",
-                     f"{row['static_b1_ms']:.2f} / {row['mkldnn_b1_ms']:.2f}",
-                     f"{row['static_b8_ms']:.2f} / {row['mkldnn_b8_ms']:.2f}",
-                     f"{row['static_b64_images_per_s']:.0f} / {row['mkldnn_b64_images_per_s']:.0f}",
-                     "yes" if row["mkldnn_outputs_match"] else f"NO ({row['mkldnn_max_rel_diff']:.1e})"])
+                     per_form(row, "b1_ms", ".2f"), per_form(row, "b8_ms", ".2f"),
+                     per_form(row, "b64_images_per_s", ".0f"),
+                     "yes" if row["outputs_match"] else f"NO ({worst:.1e})"])
     print_table(["model", "input", "MACs (M)", "params (M)", "b1 latency", "b8 latency", "b64 img/s",
                  "outputs match"], rows)
     print()

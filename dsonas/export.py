@@ -5,13 +5,11 @@ folder beside PREFIX, reloaded and compared with the Gluon net on a random batch
 into place. The net must already be in its deployable form (compiled with aux=False; drop-path and
 dropout are inactive at inference because the forward runs outside `autograd.record`).
 
-BatchNorm folding. MXNet 1.9.1 has no backend-neutral BN folding for export. Its oneDNN backend
-(`optimize_for(x, backend="MKLDNN")`) fuses Conv+BN(+ReLU) into `_sg_mkldnn_conv` nodes (the BN
-parameters stay in the params file and are folded when the graph is bound); such a graph loads only in
-MKLDNN-enabled CPU builds and `mx.onnx` cannot convert it. So the default symbol keeps plain BatchNorm
-nodes, which every MXNet build and ONNX load, and folding is left to the runtime (onnxruntime folds BN
-into Conv at session creation); `fuse_bn=True` writes the oneDNN-fused graph instead, for MXNet CPU
-deployment.
+BatchNorm folding. The written graph has every BatchNorm that follows a convolution folded into it
+(dsonas.fold: backend-neutral, so the symbol loads in every MXNet build and converts to ONNX); BN after
+a pooling stays. `fuse_bn=True` writes oneDNN's fused graph instead (`optimize_for(x, backend="MKLDNN")`:
+`_sg_mkldnn_conv` nodes with Conv+BN+ReLU+sum fused), for MXNet CPU deployment: it loads only in
+MKLDNN-enabled CPU builds and `mx.onnx` cannot convert it.
 
 ONNX. `mx.onnx` (needs onnx < 1.16) emits opset-13 nodes but stamps the installed onnx's newest opset,
 which runtimes then reject or misread; we re-stamp opset 13 with its matching IR version, and take the
@@ -29,6 +27,7 @@ import mxnet as mx
 import numpy as np
 
 from .errors import DsonasError
+from .fold import folded_block
 from .io import atomic_write_bytes, atomic_write_json, new_folder
 
 ONNX_OPSET = 13
@@ -65,16 +64,17 @@ def onnx_available():
 
 
 def optimize_mkldnn(net, x, **hybridize_flags):
-    """`net.optimize_for(x, backend="MKLDNN", ...)`: oneDNN's fused graph (conv+BN, conv+sum, ...).
+    """`net` as oneDNN's fused graph on inputs shaped like `x`: (SymbolBlock with new Parameters, count
+    of BN folded), like dsonas.fold.folded_block.
 
-    A DsoNet is switched to its width-3 split of wide depthwise kernels first: oneDNN's fusion passes
-    (MXNet 1.9.1) leave outputs that cannot be read back (asnumpy: "can't generate TBlob for MKLDNN data")
-    on some nets with plain 5x5 depthwise convs, measured with 2 threads and 8-channel stages; the split
-    form (same maths) fuses fine.
+    BN is folded into the convolutions first (dsonas.fold), then `optimize_for(x, backend="MKLDNN")`
+    fuses Conv+ReLU and Conv+sum. Left to oneDNN's own Conv+BN fusion (MXNet 1.9.1), some nets return
+    outputs that cannot be read back (asnumpy: "can't generate TBlob for MKLDNN data"): measured on
+    derived nets at several widths and batches, 1 and 2 threads; the folded graph fuses fine.
     """
-    if hasattr(net, "set_depthwise_split"):
-        net.set_depthwise_split(True)
-    net.optimize_for(x, backend="MKLDNN", **hybridize_flags)
+    block, count = folded_block(net, INPUT_NAME)
+    block.optimize_for(x, backend="MKLDNN", **hybridize_flags)
+    return block, count
 
 
 def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ctx=None, seed=0, log=print):
@@ -99,10 +99,15 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
                           "to export")
     ref = ref.asnumpy()
     cost = count(net, (1, *input_shape[1:]), input_name=INPUT_NAME)
+    if fuse_bn and not mx.runtime.Features().is_enabled("MKLDNN"):
+        raise ExportError("--fuse-bn needs an MKLDNN-enabled MXNet build; export without --fuse-bn")
     if fuse_bn:
-        if not mx.runtime.Features().is_enabled("MKLDNN"):
-            raise ExportError("--fuse-bn needs an MKLDNN-enabled MXNet build; export without --fuse-bn")
-        optimize_mkldnn(net, x)
+        model, folded = optimize_mkldnn(net, x)
+    else:
+        model, folded = folded_block(net, INPUT_NAME)
+        model.hybridize()
+    model(x)
+    log(f"folded {folded} BatchNorm layers into the convolutions before them")
 
     folder = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(folder, exist_ok=True)
@@ -110,7 +115,7 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
     tmp = new_folder(folder, ".tmp-export-")
     try:
         tmp_prefix = os.path.join(tmp, base)
-        net.export(tmp_prefix, epoch=0)
+        model.export(tmp_prefix, epoch=0)
         names = {"symbol": f"{base}-symbol.json", "params": f"{base}-0000.params"}
         reloaded = load_exported(os.path.join(tmp, names["symbol"]), os.path.join(tmp, names["params"]), ctx)
         diff = _check(ref, reloaded(x).asnumpy(), "reloaded MXNet symbol")
@@ -132,7 +137,7 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
         "symbol": names["symbol"], "params": names["params"], "onnx": names.get("onnx"),
         "input_name": INPUT_NAME, "input_shape": [1, *input_shape[1:]], "dynamic_batch": True,
         "param_count": cost.params, "macs": cost.macs, "flops": cost.flops,
-        "bn_fused": bool(fuse_bn), "onnx_opset": ONNX_OPSET if onnx else None,
+        "bn_folded": folded, "bn_fused": bool(fuse_bn), "onnx_opset": ONNX_OPSET if onnx else None,
         "max_abs_diff": diff, "onnx_max_abs_diff": onnx_diff,
         "sizes_bytes": {k: os.path.getsize(p) for k, p in paths.items()},
         **(meta or {}),

@@ -49,3 +49,19 @@ def test_bad_genotype_is_one_line_error(tmp_path):
     proc = run("inference.py", "--genotype", str(bad), "--sizes", "32", "--models", "")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_inference_json_compares_every_form_and_checks_their_outputs():
+    proc = run("inference.py", "--sizes", "32", "--models", "shufflenet_v2", "--width-mult", "0.25",
+               "--repeats", "1", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"dsonas", "shufflenet_v2"}
+    for row in rows.values():
+        assert row["outputs_match"], row
+        for form in ("static", "folded", "mkldnn"):
+            assert row[f"{form}_b1_ms"] > 0 and row[f"{form}_b64_images_per_s"] > 0
+        assert row["b1_ms"] == min(row[f"{form}_b1_ms"] for form in ("static", "folded", "mkldnn"))
+    ratios = result["vs_shufflenet_v2"]["32"]
+    assert set(ratios) == {"macs_ratio", "b1_latency_ratio", "b8_latency_ratio", "b64_throughput_ratio"}

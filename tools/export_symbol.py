@@ -28,8 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--onnx", action="store_true",
                    help="also write PREFIX.onnx (needs: pip install 'onnx<1.16')")
     p.add_argument("--fuse-bn", action="store_true",
-                   help="fold BatchNorm into the convolutions with MXNet's oneDNN backend (the graph then "
-                        "loads only in MKLDNN-enabled MXNet CPU builds; not with --onnx)")
+                   help="write oneDNN's fused graph (Conv+BN+ReLU+sum in one node; it then loads only in "
+                        "MKLDNN-enabled MXNet CPU builds; not with --onnx). Without it, BatchNorm after a "
+                        "convolution is folded into it, for every backend")
     return p.parse_args(argv)
 
 
