@@ -46,6 +46,10 @@ def test_folding_keeps_outputs_and_removes_every_conv_bn_pair(model):
     outputs_match(net, block, x)
     for p in net.collect_params().values():  # the source net is untouched
         np.testing.assert_array_equal(p.data().asnumpy(), before[p.name])
+    out = block(x).asnumpy()
+    for p in net.collect_params().values():  # ... and shares no memory with the block
+        p.set_data(mx.nd.zeros(p.shape))
+    np.testing.assert_array_equal(block(x).asnumpy(), out)
 
 
 class ConvBN(nn.HybridBlock):
