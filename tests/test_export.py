@@ -134,6 +134,18 @@ def test_fuse_bn_writes_onednns_fused_graph(tmp_path):
         ex.export(net, tmp_path / "n", shape_of("cifar"), fuse_bn=True, onnx=True)
 
 
+def test_unreadable_fused_outputs_are_an_error_and_nothing_lands(tmp_path, monkeypatch):
+    class Unreadable:
+        def asnumpy(self):
+            raise mx.base.MXNetError("Check failed: !IsMKLDNNData(): We can't generate TBlob for MKLDNN data")
+
+    monkeypatch.setattr(ex, "optimize_mkldnn", lambda net, x: (lambda data: Unreadable(), 0))
+    net = trained_like(compile_genotype(genotype()))
+    with pytest.raises(ex.ExportError, match="cannot read back .*TBlob.*; export without --fuse-bn"):
+        ex.export(net, tmp_path / "m", shape_of("cifar"), fuse_bn=True, log=lambda m: None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_export_tool_prints_the_reloaded_models_test_accuracy(tmp_path, capsys):
     from test_retrain import run_tool
 
