@@ -119,16 +119,16 @@ def fold_batchnorm(symbol, params):
 
 def folded_block(net, input_name="data"):
     """`net` (an initialised HybridBlock with one input and one output) as a SymbolBlock with its
-    Conv -> BN pairs folded. Returns (block, count of BN folded); the block shares no Parameters or
-    memory with `net`."""
+    Conv -> BN pairs folded. Returns (block, count of BN folded); the block's Parameters hold copies.
+
+    Reading the weights back runs oneDNN reorders in the calling thread: call
+    dsonas.openmp.serial_main_thread() first in a long-lived process (the tools do).
+    """
     data = mx.sym.var(input_name)
     out = net(data)
     if isinstance(out, list | tuple):
         raise ValueError(f"the net returns {len(out)} outputs; fold a single-output (inference) net")
-    # Copies: after an inference call oneDNN may have reordered a weight in place, and reading such an
-    # array back (asnumpy) made every net in the process several times slower (measured: 15 -> 70-90 ms
-    # per call of another net); reading a copy does not.
-    params = {p.name: p.data().copy() for p in net.collect_params().values()}
+    params = {p.name: p.data() for p in net.collect_params().values()}
     symbol, params, count = fold_batchnorm(out, params)
     with warnings.catch_warnings():  # it cannot infer the input's dtype before the first call: float32
         warnings.filterwarnings("ignore", message=".*Cannot decide type for the following arguments")
