@@ -488,12 +488,15 @@ def device_name(ctx):
 
 
 def measure_latency(net, input_shape, ctx=None, repeats=20, warmup=3):
-    """Median wall time (ms) of one forward pass at `input_shape`, hybridized with static memory.
+    """Median wall time (ms) of one forward pass at `input_shape`, in the form `export` writes (BN folded
+    into the convolutions, dsonas.fold), hybridized with static memory.
 
     The median of `repeats` timed passes after `warmup` untimed ones: robust to the odd slow pass of a
     shared machine. Uninitialized parameters get the default initializer (timing does not care).
     """
     import mxnet as mx
+
+    from dsonas.fold import folded_block
 
     ctx = ctx or mx.cpu()
     x = mx.nd.random.uniform(shape=input_shape, ctx=ctx)
@@ -504,6 +507,8 @@ def measure_latency(net, input_shape, ctx=None, repeats=20, warmup=3):
         except RuntimeError:  # never initialized
             p.initialize(ctx=ctx)
     params.reset_ctx(ctx)
+    net(x)  # finishes deferred initialisation: folding reads every Parameter
+    net, _ = folded_block(net)
     net.hybridize(static_alloc=True, static_shape=True)
     for _ in range(max(1, warmup)):
         net(x)
@@ -529,11 +534,13 @@ class LatencyTable:
     ShuffleNet V2's first guideline is to use the direct metric on the target platform: this is the
     per-op table the latency penalty reads. Entries are keyed by the device string (`device_name`) and by
     op, channels, resolution, batch, BN scale and separable repeats, and persist in a JSON file
-    (`{"version": 1, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
-    merged with whatever another process wrote meanwhile). A cached entry is never re-measured.
+    (`{"version": 2, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
+    merged with whatever another process wrote meanwhile). A cached entry is never re-measured. Ops are
+    timed as deployed: BN folded, wide depthwise kernels as one convolution (version 1 timed them
+    unfolded, in the training split).
     """
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, path=None, ctx=None, batch_size=1, repeats=20, warmup=3):
         import mxnet as mx
@@ -552,7 +559,7 @@ class LatencyTable:
             with open(self.path) as f:
                 data = json.load(f)
             if data.get("version") != self.VERSION:
-                raise ValueError(f"version {data.get('version')!r}")
+                raise ValueError(f"version {data.get('version')!r}, this dsonas writes {self.VERSION}")
             return data["devices"]
         except (ValueError, KeyError, AttributeError) as e:
             raise ConfigError(f"latency cache {self.path} is unreadable ({e}); "
@@ -565,9 +572,10 @@ class LatencyTable:
         """Latency (ms) of candidate `op` on a (batch, channels, resolution, resolution) input."""
         k = self.key(op, channels, resolution, bn_scale, sep_repeats)
         if k not in self.entries:
-            from dsonas.ops import OPS
+            from dsonas.ops import OPS, set_depthwise_split
 
             block = OPS[op](channels, bn_scale, sep_repeats)
+            set_depthwise_split(block, False)  # as deployed (network.deploy_net)
             shape = (self.batch_size, channels, resolution, resolution)
             self.entries[k] = measure_latency(block, shape, self.ctx, self.repeats, self.warmup)
             self.measured += 1

@@ -133,6 +133,6 @@ def folded_block(net, input_name="data"):
     with warnings.catch_warnings():  # it cannot infer the input's dtype before the first call: float32
         warnings.filterwarnings("ignore", message=".*Cannot decide type for the following arguments")
         block = mx.gluon.SymbolBlock(symbol, data)
-    ctx = next(iter(params.values())).context
-    block.collect_params().load_dict(params, ctx=ctx)
+    if params:  # (an identity op has none)
+        block.collect_params().load_dict(params, ctx=next(iter(params.values())).context)
     return block, count

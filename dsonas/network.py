@@ -28,7 +28,7 @@ from dsonas import shuffle
 from dsonas.block import MaskedBlock, PrunableBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
-from dsonas.ops import DepthwiseConv
+from dsonas.ops import set_depthwise_split
 from dsonas.space import DEFAULT_BYPASS, BlockSpec, Skeleton, check_space_kind
 
 CHANNEL_DIVISOR = 8
@@ -302,8 +302,7 @@ class DsoNet(PrunableBlock):
     def set_depthwise_split(self, split):
         """Train wide depthwise kernels as width-3 groups (split=True) or run them as one convolution
         (inference, export): same Parameters, same outputs (see ops.DepthwiseConv); clears the graph."""
-        for conv in blocks_of(self, DepthwiseConv):
-            conv.split = split
+        set_depthwise_split(self, split)
         self._clear_cached_ops()
 
     def set_drop_path(self, prob):

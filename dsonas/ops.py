@@ -36,7 +36,7 @@ class DepthwiseConv(nn.HybridBlock):
     (MXNet 1.9.1) has a JIT depthwise backward-weights kernel only for kernel widths <= 3; a 5x5 one falls
     back to a GEMM path measured 3-4x slower for the whole forward+backward (bench/README.md). Its forward
     kernel is fast, though, and the split costs ~10 small operators per 5x5 op, so inference and export use
-    one plain convolution (split=False, see DsoNet.set_depthwise_split).
+    one plain convolution (split=False, see set_depthwise_split).
     """
 
     def __init__(self, channels, kernel, split=True, **kwargs):
@@ -61,6 +61,11 @@ class DepthwiseConv(nn.HybridBlock):
             window = F.slice_axis(padded, axis=3, begin=start, end=-right if right else None)
             out.append(F.Convolution(window, w, kernel=(k, 3), pad=(pad, 0), **conv))
         return F.add_n(*out)
+
+
+def set_depthwise_split(block, split):
+    """Every DepthwiseConv in `block` trained as width-3 groups (split=True) or run as one convolution."""
+    block.apply(lambda b: setattr(b, "split", split) if isinstance(b, DepthwiseConv) else None)
 
 
 def sep_conv(channels, kernel, bn_scale, repeats):

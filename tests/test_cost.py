@@ -194,9 +194,36 @@ def test_solve_width_mult_params_and_impossible_target():
         cost.solve_width_mult(WideNet, 1e12, input_shape=(1, 3, 32, 32))
 
 
-def test_measure_latency_positive():
-    ms = cost.measure_latency(nn.Conv2D(4, 3, padding=1), (1, 3, 8, 8), repeats=3, warmup=1)
-    assert 0 < ms < 1000
+def test_measure_latency_times_the_bn_folded_net(monkeypatch):
+    from dsonas import fold
+
+    timed, real = [], fold.folded_block
+
+    def folding(net):
+        block, count = real(net)
+        timed.append(count)
+        return block, count
+
+    monkeypatch.setattr(fold, "folded_block", folding)
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.Activation("relu"))
+    ms = cost.measure_latency(net, (1, 3, 8, 8), repeats=3, warmup=1)
+    assert 0 < ms < 1000 and timed == [1]
+
+
+def test_latency_table_times_ops_as_deployed(tmp_path, monkeypatch):
+    from dsonas.ops import DepthwiseConv
+
+    splits = []
+
+    def record(block, *args, **kwargs):
+        block.apply(lambda b: splits.append(b.split) if isinstance(b, DepthwiseConv) else None)
+        return 1.0
+
+    monkeypatch.setattr(cost, "measure_latency", record)
+    table = cost.LatencyTable(tmp_path / "lat.json", repeats=1, warmup=1)
+    assert table.op_latency("sep_conv_5x5", 8, 8) == 1.0
+    assert splits == [False]  # one plain 5x5 depthwise convolution, not the training split
 
 
 # ------------------------------------------------------------------------------ block-level costs
@@ -306,7 +333,7 @@ def test_latency_table_cache_roundtrip(tmp_path, monkeypatch):
     assert np.array_equal(row[:2], row[2:4])  # same op, same shape at every level
     assert table.measured == 2
     saved = json.loads(path.read_text())
-    assert saved["version"] == 1 and len(saved["devices"][table.device]) == 2
+    assert saved["version"] == cost.LatencyTable.VERSION and len(saved["devices"][table.device]) == 2
 
     monkeypatch.setattr(cost, "measure_latency", lambda *a, **k: pytest.fail("re-measured a cached op"))
     again = cost.LatencyTable(path)

@@ -96,6 +96,14 @@ def test_fold_batchnorm_does_not_modify_its_inputs_and_drops_bn_parameters():
     assert count == 2
 
 
+def test_a_net_without_parameters_folds_to_itself():
+    from dsonas.ops import Identity
+
+    block, count = folded_block(Identity())
+    x = mx.nd.ones((1, 2, 3, 3))
+    assert count == 0 and (block(x) == x).asnumpy().all()
+
+
 def test_a_net_with_two_outputs_is_refused():
     net = trained_like(compile_genotype(genotype(), aux=True))
     net(mx.nd.zeros((1, 3, 16, 16)))
