@@ -99,14 +99,15 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
                           "to export")
     ref = ref.asnumpy()
     cost = count(net, (1, *input_shape[1:]), input_name=INPUT_NAME)
-    if fuse_bn and not mx.runtime.Features().is_enabled("MKLDNN"):
-        raise ExportError("--fuse-bn needs an MKLDNN-enabled MXNet build; export without --fuse-bn")
     if fuse_bn:
+        if not mx.runtime.Features().is_enabled("MKLDNN"):
+            raise ExportError("--fuse-bn needs an MKLDNN-enabled MXNet build; export without --fuse-bn")
         model, folded = optimize_mkldnn(net, x)
     else:
         model, folded = folded_block(net, INPUT_NAME)
         model.hybridize()
-    _read(model, x, "oneDNN's fused graph" if fuse_bn else "the BN-folded graph")
+    advice = "; export without --fuse-bn" if fuse_bn else ""
+    _read(model, x, "oneDNN's fused graph" if fuse_bn else "the BN-folded graph", advice)
     log(f"folded {folded} BatchNorm layers into the convolutions before them")
 
     folder = os.path.dirname(os.path.abspath(prefix))
@@ -118,7 +119,7 @@ def export(net, prefix, input_shape, *, meta=None, onnx=False, fuse_bn=False, ct
         model.export(tmp_prefix, epoch=0)
         names = {"symbol": f"{base}-symbol.json", "params": f"{base}-0000.params"}
         reloaded = load_exported(os.path.join(tmp, names["symbol"]), os.path.join(tmp, names["params"]), ctx)
-        diff = _check(ref, _read(reloaded, x, "the reloaded MXNet symbol"), "reloaded MXNet symbol")
+        diff = _check(ref, _read(reloaded, x, "the reloaded MXNet symbol", advice), "reloaded MXNet symbol")
         log(f"reload check: max abs diff {diff:.3g} (SymbolBlock.imports vs Gluon net)")
         onnx_diff = None
         if onnx:
@@ -165,15 +166,15 @@ def load_exported(symbol_file, params_file, ctx=None):
                                             ctx=ctx or mx.cpu())
 
 
-def _read(net, x, what):
-    """net(x) as a numpy array; MXNet failing to read it back is an ExportError (seen with oneDNN's fused
-    graph in MXNet 1.9.1: "can't generate TBlob for MKLDNN data")."""
+def _read(net, x, what, advice=""):
+    """net(x) as a numpy array; MXNet failing to read it back is an ExportError ending in `advice` (seen
+    with oneDNN's fused graph in MXNet 1.9.1: "can't generate TBlob for MKLDNN data")."""
     try:
         return net(x).asnumpy()
     except mx.base.MXNetError as err:
         reason = str(err).strip().splitlines()[-1]
         raise ExportError(f"{what} returns outputs MXNet cannot read back ({reason}); nothing was written"
-                          + ("; export without --fuse-bn" if "fused" in what else "")) from None
+                          f"{advice}") from None
 
 
 def _check(ref, out, what):
