@@ -233,8 +233,13 @@ def random_batch(args, classes=10):
     return x, y
 
 
-def train_step_fn(net, trainer, x, y):
-    """A callable running one training step exactly as the search loop does, blocking until done."""
+def train_step_fn(net, trainer, x, y, trained):
+    """A callable running one training step as the search loop does, blocking until done.
+
+    trained: the Parameter group whose gradients the step computes (DsoNet.set_trained): "weights" or
+    "lambdas" as dsonas.engine.search does, or "all" as the published implementation does (one executor
+    computing every gradient every step; the optimizer decides what is updated).
+    """
     import mxnet as mx
     from mxnet import gluon
 
@@ -243,9 +248,17 @@ def train_step_fn(net, trainer, x, y):
     loss_fn, meter = gluon.loss.SoftmaxCrossEntropyLoss(), Meter()
 
     def run():
+        net.set_trained(trained)
         train_step(net, loss_fn, trainer, [x], [y], meter)
         mx.nd.waitall()
     return run
+
+
+def step_fns(net, w_trainer, lam_trainer, x, y, every_gradient=False):
+    """(W step, λ step) callables of `train_step_fn`; every_gradient: both compute every gradient."""
+    groups = ("all", "all") if every_gradient else ("weights", "lambdas")
+    return tuple(train_step_fn(net, trainer, x, y, group)
+                 for trainer, group in zip((w_trainer, lam_trainer), groups, strict=True))
 
 
 # ---------------------------------------------------------------------------------------- random masks

@@ -31,7 +31,7 @@ from common import (
     run_tool,
     search_trainers,
     setup_threads,
-    train_step_fn,
+    step_fns,
 )
 
 
@@ -119,7 +119,7 @@ def measure(args):
             masks, deads = [m for m, _ in pairs], [d for _, d in pairs]
         if s > 0:
             shrink(net, masks, lam_trainer)
-        steps = [train_step_fn(net, w_trainer, x, y), train_step_fn(net, lam_trainer, x, y)]
+        steps = list(step_fns(net, w_trainer, lam_trainer, x, y))
 
         def epoch(steps=steps):
             for i in range(args.iters):

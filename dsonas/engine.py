@@ -5,7 +5,8 @@
    (`build_supernet`) so BN cannot undo λ later.
 2. `search`: W steps (NAG) on W batches and λ steps (APG-NAG, `dsonas.optim`) on λ batches, x W steps then
    y λ steps per cycle (search.ratio = [x, y]); an epoch is one pass over the W batches, the λ batches
-   are drawn round-robin from their own loader. Two Trainers over disjoint parameter sets. γ per λ comes
+   are drawn round-robin from their own loader. Two Trainers over disjoint parameter sets; each step
+   computes only its own set's gradients (`DsoNet.set_trained`), pretrain only W's. γ per λ comes
    from `dsonas.penalty` (recomputed every search.penalty_every iterations for the adaptive kinds, on the
    mask the current λ imply). At every prune point (search.prune_every iterations, 0 = end of each epoch)
    the live masks are derived from λ; removed λ entries are set to 0 and frozen in APG-NAG, and with
@@ -394,6 +395,7 @@ def pretrain(s, run_dir, resume=False):
         if start < c.epochs:
             s.log(f"pretrain: resuming after epoch {start}/{c.epochs}")
     s.dist.start([trainer])
+    s.net.set_trained("weights")  # λ stay at 1: their gradients would go unused
     masks = s.net.masks
     derived_cost = _DerivedCost()
     for epoch in range(start, c.epochs):
@@ -476,12 +478,14 @@ def search(s, run_dir, resume=False):
                         _warmup(w_trainer, c.lr, w_steps, len(s.w_loader))
                         w_steps += 1
                     xs, ys = split_batch(next(w_batches), s.ctx)
+                    s.net.set_trained("weights")
                     train_step(s.net, s.loss_fn, w_trainer, xs, ys, w_meter)
                 else:
                     if adaptive and (last_gamma is None or state.iteration - last_gamma >= c.penalty_every):
                         _apply_gamma(s, penalty, state.masks, lam_trainer)
                         last_gamma = state.iteration
                     xs, ys = split_batch(next(lam_batches), s.ctx)
+                    s.net.set_trained("lambdas")
                     train_step(s.net, s.loss_fn, lam_trainer, xs, ys, lam_meter)
                 state.iteration += 1
                 if c.prune_every and state.iteration % c.prune_every == 0:

@@ -47,6 +47,8 @@ def forward_backward(net, loss_fn, xs, ys):
         loss.backward()
         grad = h.grad
         for index in range(len(body) - 1, -1, -1):
+            if index == 0 and not any(p.grad_req != "null" for p in net.stem.collect_params().values()):
+                break  # the stem (segment 0) reads the data only: nothing to differentiate (a λ step)
             h = inputs[index]
             if index > 0:  # the data batch itself needs no gradient
                 h.attach_grad()

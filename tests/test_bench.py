@@ -28,15 +28,19 @@ def test_help(script):
 def test_supernet_json_has_every_headline_figure():
     proc = run("supernet.py", "--filters", "8", "--stages", "1", "--levels", "2", "--batch", "2", "--steps",
                "1", "--naive-steps", "1", "--warmup", "0", "--peak-n", "256",
-               "--variants", "fast,fast_recompute,naive,naive_plain", "--json")
+               "--variants", "fast,fast_recompute,naive,naive_plain,naive_trained_only", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     for key in ("speedup_vs_naive", "memory_ratio_vs_naive", "speedup_vs_naive_plain",
-                "memory_ratio_vs_naive_plain", "peak_fraction", "peak_gflops", "step_gflop",
+                "memory_ratio_vs_naive_plain", "speedup_vs_naive_trained_only", "peak_fraction",
+                "peak_gflops", "step_gflop",
                 "fast_recompute_speedup_vs_naive", "fast_recompute_memory_ratio_vs_naive",
                 "fast_recompute_peak_fraction"):
         assert isinstance(result[key], float) and result[key] > 0, key
-    assert set(result["variants"]) == {"fast", "fast_recompute", "naive", "naive_plain"}
+    assert set(result["variants"]) == {"fast", "fast_recompute", "naive", "naive_plain", "naive_trained_only"}
+    # the published solver's steps compute every gradient; dsonas's only the stepped group's
+    every = {v for v, figures in result["variants"].items() if figures["every_gradient_every_step"]}
+    assert every == {"naive", "naive_plain"}
     for figures in result["variants"].values():
         for key in ("ms_per_w_step", "ms_per_lambda_step", "images_per_s", "peak_rss_delta_mb"):
             assert figures[key] > 0, key

@@ -225,3 +225,60 @@ def test_unsplit_depthwise_for_inference_keeps_outputs_and_drops_operators():
     plain_ops = len(json.loads(net._cached_graph[1].tojson())["nodes"])
     np.testing.assert_allclose(plain_out, split_out, rtol=1e-4, atol=1e-5)
     assert plain_ops < split_ops  # every sep_conv_5x5 loses its pad, window slices and partial sums
+
+
+def test_set_trained_computes_only_the_stepped_group_with_the_same_results():
+    """W and λ steps with set_trained end with the same trained Parameters as steps that compute every
+    gradient, while the other group's gradients are not computed at all. (BN running statistics may
+    differ: MXNet updates them in BN's backward, which a λ step skips before the first λ.)"""
+    nets = [supernet(True, seed=3), supernet(True, seed=3)]
+    for net in nets:
+        set_random_lambdas(net)
+        net.hybridize(static_alloc=True)
+    trained = [name for name, p in nets[1].collect_params().items() if p.grad_req != "null"]
+    sgd = {"learning_rate": 0.1}
+    trainers = [{"weights": gluon.Trainer(net.weight_params(), "sgd", sgd),
+                 "lambdas": gluon.Trainer(net.lambda_params(), "sgd", sgd)} for net in nets]
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for step, group in enumerate(["weights", "lambdas"] * 2 + ["lambdas", "weights"]):
+        x, y = batch(seed=step)
+        nets[0].set_trained(group)
+        for net, trainer in zip(nets, trainers, strict=True):
+            with autograd.record():
+                loss = loss_fn(net(x), y)
+            loss.backward()
+            trainer[group].step(BATCH)
+        other = nets[0].lambda_params() if group == "weights" else nets[0].weight_params()
+        assert all(p.grad_req == "null" for p in other)
+        for name in trained:
+            np.testing.assert_allclose(nets[0].collect_params()[name].data().asnumpy(),
+                                       nets[1].collect_params()[name].data().asnumpy(), rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{name} after a {group} step")
+    nets[0].set_trained("all")
+    assert [p.grad_req for p in nets[0].collect_params().values()] == \
+        [p.grad_req for p in nets[1].collect_params().values()]
+    with pytest.raises(ValueError, match="group must be one of"):
+        nets[0].set_trained("lambda")
+
+
+def test_set_trained_and_pruning_each_keep_their_parameters_off():
+    net = supernet(True)
+    before = {name: p.grad_req for name, p in net.collect_params().items()}
+    names = net.block_lambda_names(0)
+    lam = {p.name: p.data().asnumpy() for p in net.lambda_params()}
+    lam[names["in3"]][:] = 0
+    for p in net.lambda_params():
+        p.set_data(mx.nd.array(lam[p.name]))
+    net.set_trained("weights")
+    net.set_masks(Genotype.from_network(net).block_masks())  # prunes in3 while the λ are frozen
+    net.set_trained("all")
+    params = net.collect_params()
+    assert params[names["in3"]].grad_req == "null" and params[names["in2"]].grad_req == "write"
+    net.set_trained("lambdas")
+    net.set_masks([BlockMask.full(SPEC)] * net.num_blocks)  # in3 back in the graph, but λ steps only
+    assert params[names["in3"]].grad_req == "write"
+    assert all(p.grad_req == "null" for p in net.weight_params())
+    net.set_trained("all")
+    # back to the start; BN running statistics and the fixed BN scale never got a gradient on the way
+    assert {name: p.grad_req for name, p in params.items()} == before
+    assert "null" in before.values()

@@ -78,6 +78,22 @@ def test_recomputed_step_equals_the_ordinary_step(kind):
     assert_same_step(one_step(recomputed), one_step(ordinary))
 
 
+@pytest.mark.parametrize("group", ["weights", "lambdas"])
+def test_recomputed_step_of_one_group_equals_the_ordinary_step(group):
+    """set_trained: a λ step has nothing to differentiate in the stem (its first segment)."""
+    nets = [supernet("share", False), supernet("share", True)]
+    for net in nets:
+        net.set_trained(group)
+    (loss_a, _), grads_a, _ = one_step(nets[1])
+    (loss_b, _), grads_b, _ = one_step(nets[0])
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    trained = {p.name for p in (nets[0].lambda_params() if group == "lambdas" else nets[0].weight_params())}
+    assert grads_a.keys() == grads_b.keys() and grads_a.keys() <= trained and grads_a
+    for name, g in grads_a.items():
+        scale = max(np.abs(grads_b[name]).max(), 1e-3)
+        np.testing.assert_allclose(g, grads_b[name], rtol=0, atol=1e-4 * scale, err_msg=name)
+
+
 def test_recompute_after_shrinking_uses_the_new_graphs():
     nets = [supernet("share", False), supernet("share", True)]
     for net in nets:
