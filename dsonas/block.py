@@ -67,10 +67,14 @@ def _contract(F, matrix, rows, maps, channels):
     """[Σ_k matrix[n, k] * maps[k] for n < rows]: a list of `rows` (B, C, H, W) maps (fast formulation).
 
     The K maps are concatenated along channels and viewed as K channels of a (C*H, W) image, so the
-    contraction is one 1x1 convolution whose (rows, K) weight is `matrix`.
+    contraction is one 1x1 convolution whose (rows, K) weight is `matrix`. One map is "concatenated" too:
+    the view must only ever read an array nothing else reads. On mxnet 1.9.1 + oneDNN, a reshape that
+    the memory planner runs in place reorders a blocked buffer to plain while the other readers still
+    take it for blocked, so viewing a node directly gave wrong gradients, hybridized only (a level
+    pruned to one input node, a merge of one op; bench/README.md).
     """
     k = len(maps)
-    data = F.reshape(maps[0] if k == 1 else F.concat(*maps, dim=1), shape=(0, k, -1, 0))  # (B, K, C*H, W)
+    data = F.reshape(F.concat(*maps, dim=1), shape=(0, k, -1, 0))  # (B, K, C*H, W)
     mixed = F.Convolution(data, F.reshape(matrix, shape=(rows, k, 1, 1)), kernel=(1, 1), num_filter=rows,
                           no_bias=True)
     mixed = F.reshape(mixed, shape=(0, rows * channels, -1, 0))  # (B, rows*C, H, W)
