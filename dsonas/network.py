@@ -329,7 +329,7 @@ class DsoNet(PrunableBlock):
         self._sync_grad_reqs()
 
     def set_depthwise_split(self, split):
-        """Train wide depthwise kernels as width-3 groups (split=True) or run them as one convolution
+        """Train wide depthwise kernels as groups at most 3 wide (split=True) or run them as one convolution
         (inference, export): same Parameters, same outputs (see ops.DepthwiseConv); clears the graph."""
         set_depthwise_split(self, split)
         self._clear_cached_ops()

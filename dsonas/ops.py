@@ -31,7 +31,7 @@ def _sequential(layers):
 class DepthwiseConv(nn.HybridBlock):
     """kxk depthwise convolution (odd k, stride 1, 'same' padding, no bias); weight (C, 1, k, k).
 
-    For training (split=True), kernels wider than 3 run as a sum of width-3 column groups over
+    For training (split=True), kernels wider than 3 run as a sum of column groups at most 3 wide over
     width-shifted windows of the input padded in width only. Same maths and Parameter, but oneDNN 2.x
     (MXNet 1.9.1) has a JIT depthwise backward-weights kernel only for kernel widths <= 3; a 5x5 one falls
     back to a GEMM path measured 3-4x slower for the whole forward+backward (bench/README.md). Its forward
@@ -52,19 +52,16 @@ class DepthwiseConv(nn.HybridBlock):
         padded = F.pad(x, mode="constant", pad_width=(0, 0, 0, 0, 0, 0, pad, pad))
         out = []
         for begin in range(0, k, 3):
-            start = min(begin, k - 3)  # the last group is shifted left; its overlap columns are zeroed
-            w = F.slice_axis(weight, axis=3, begin=start, end=start + 3)
-            if start < begin:
-                zeros = F.zeros_like(F.slice_axis(w, axis=3, begin=0, end=begin - start))
-                w = F.concat(zeros, F.slice_axis(w, axis=3, begin=begin - start, end=3), dim=3)
-            right = k - start - 3  # padded columns beyond this group's window
-            window = F.slice_axis(padded, axis=3, begin=start, end=-right if right else None)
-            out.append(F.Convolution(window, w, kernel=(k, 3), pad=(pad, 0), **conv))
+            width = min(3, k - begin)  # the last group may be narrower (a 5x5 kernel: widths 3 and 2)
+            w = F.slice_axis(weight, axis=3, begin=begin, end=begin + width)
+            right = k - begin - width  # padded columns beyond this group's window
+            window = F.slice_axis(padded, axis=3, begin=begin, end=-right if right else None)
+            out.append(F.Convolution(window, w, kernel=(k, width), pad=(pad, 0), **conv))
         return F.add_n(*out)
 
 
 def set_depthwise_split(block, split):
-    """Every DepthwiseConv in `block` trained as width-3 groups (split=True) or run as one convolution."""
+    """Every DepthwiseConv in `block` trained as column groups (split=True) or run as one convolution."""
     block.apply(lambda b: setattr(b, "split", split) if isinstance(b, DepthwiseConv) else None)
 
 
