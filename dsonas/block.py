@@ -70,8 +70,8 @@ def _contract(F, matrix, rows, maps, channels):
     contraction is one 1x1 convolution whose (rows, K) weight is `matrix`. One map is "concatenated" too:
     the view must only ever read an array nothing else reads. On mxnet 1.9.1 + oneDNN, a reshape that
     the memory planner runs in place reorders a blocked buffer to plain while the other readers still
-    take it for blocked, so viewing a node directly gave wrong gradients, hybridized only (a level
-    pruned to one input node, a merge of one op; bench/README.md).
+    take it for blocked: viewing the block input directly (a level pruned to it alone) gave wrong
+    gradients, hybridized only (bench/README.md).
     """
     k = len(maps)
     data = F.reshape(F.concat(*maps, dim=1), shape=(0, k, -1, 0))  # (B, K, C*H, W)
