@@ -73,16 +73,17 @@ SHUFFLE = (Skeleton("shuffle_cifar", 8, (1, 2), 5, 8),
 
 # Shrunk masks whose mixing or merge reads a single node (searches reach them as λ sparsify)
 SINGLE_NODE_MASKS = {
-    "share": BlockMask(inputs=[(0,)] * 8 + [(0, 1, 5)] * 4, outputs=range(12)),  # level 2 reads node 0
-    "share_level3": BlockMask(inputs=[(0,)] * 4 + [(0, 1)] * 4 + [(6,)] * 4, outputs=range(12)),
-    "shuffle": BlockMask(inputs=[(0,), (0,)] + [()] * 4 + [(1, 2)] + [()] * 5, outputs=(6,)),  # one merged op
+    "level2_reads_the_input": BlockMask(inputs=[(0,)] * 8 + [(0, 1, 5)] * 4, outputs=range(12)),
+    "level3_reads_one_op": BlockMask(inputs=[(0,)] * 4 + [(0, 1)] * 4 + [(6,)] * 4, outputs=range(12)),
+    "merge_of_one_op": BlockMask(inputs=[(0,), (0,)] + [()] * 4 + [(1, 2)] + [()] * 5, outputs=(6,)),
 }
 
 
-@pytest.mark.parametrize("kind, masked", [("share", False), ("shuffle", False), ("share", True),
-                                          ("share_level3", True), ("shuffle", True)])
+@pytest.mark.parametrize("kind, mask", [("share", None), ("shuffle", None),
+                                        ("share", "level2_reads_the_input"), ("share", "level3_reads_one_op"),
+                                        ("shuffle", "merge_of_one_op")])
 @pytest.mark.parametrize("hybridized", [False, True])
-def test_fast_and_naive_networks_agree(kind, masked, hybridized):
+def test_fast_and_naive_networks_agree(kind, mask, hybridized):
     """The fast net as the search runs it (hybridized, static_alloc) against the imperative naive net,
     full and shrunk (`set_masks`).
 
@@ -94,9 +95,9 @@ def test_fast_and_naive_networks_agree(kind, masked, hybridized):
     skeleton, spec = SHUFFLE if kind == "shuffle" else (SKELETON, SPEC)
     fast = supernet(True, "fast", skeleton=skeleton, spec=spec)
     naive = supernet(True, "naive", skeleton=skeleton, spec=spec, seed=1)
-    if masked:
+    if mask:
         for net in (fast, naive):
-            net.set_masks([SINGLE_NODE_MASKS[kind]] * skeleton.num_blocks)
+            net.set_masks([SINGLE_NODE_MASKS[mask]] * skeleton.num_blocks)
     if hybridized:
         fast.hybridize(static_alloc=True)
     naive_params = naive.collect_params()
