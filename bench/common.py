@@ -63,14 +63,39 @@ def interleaved(fns, rounds, warmup=1):
     return {n: statistics.median(s) for n, s in samples.items() if s}, samples
 
 
+# The vector extensions that decide which oneDNN kernels run, widest first.
+ISA_FLAGS = ("amx_tile", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_identity(cpuinfo="/proc/cpuinfo"):
+    """{cpu_model, isa}: the same session's machine may be another CPU the next day (an Intel part with
+    AVX-512 and an AMD EPYC with AVX2 only have both served here, at 190-234 vs ~70 GFLOP/s), so every
+    figure names the CPU it was measured on. isa lists the ISA_FLAGS the CPU has."""
+    model, flags = "unknown", set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "isa": [flag for flag in ISA_FLAGS if flag in flags]}
+
+
 def machine_load():
-    """{cpus, load_1m}: figures from a busy shared machine are not comparable with a quiet one's."""
-    return {"cpus": len(os.sched_getaffinity(0)), "load_1m": os.getloadavg()[0]}
+    """{cpus, load_1m, cpu_model, isa}: figures from a busy shared machine are not comparable with a quiet
+    one's, nor figures from different CPUs."""
+    return {"cpus": len(os.sched_getaffinity(0)), "load_1m": os.getloadavg()[0], **cpu_identity()}
 
 
 def load_note(load):
     """One line for the printed report; a warning when other work was competing for the cores."""
-    line = f"load average {load['load_1m']:.1f} on {load['cpus']} cores at the start"
+    isa = ", ".join(load["isa"]) or "no AVX2"
+    line = (f"{load['cpu_model']} ({isa}); "
+            f"load average {load['load_1m']:.1f} on {load['cpus']} cores at the start")
     if load["load_1m"] > 0.5:
         line += ("  (WARNING: the machine was busy; with OMP_NUM_THREADS > free cores OpenMP barriers stall "
                  "and times can be many times slower: rerun on a quiet machine or with OMP_NUM_THREADS=1)")

@@ -12,7 +12,9 @@ Conventions (every figure this module prints or returns follows them):
   stride on the first 1x1 conv as in the original/GluonCV v1, 4.09G with it on the 3x3 as in v1b).
   Weight entries that are structural zeros (a weight concatenated from a `zeros_like` piece, as the
   split 5x5 depthwise of dsonas.ops builds) do no work in the model and are not counted, so a 5x5
-  depthwise costs 25 MACs per output whichever way it runs.
+  depthwise costs 25 MACs per output whichever way it runs. Likewise a convolution whose weight is a
+  constant `_ones` node (the unit 1x1 depthwise convolution in front of dsonas.ops.Pool, there to change
+  oneDNN's memory layout) costs nothing in any metric: it is a layout change, not part of the model.
   **FLOPs = 2 × MACs**; wherever both appear they are labelled.
 * **mac** — memory access cost in the ShuffleNet V2 sense (G1-G4), in *elements* (×4 for fp32 bytes):
   per layer, every input feature map read + every output written + every weight/state read, assuming a
@@ -218,6 +220,15 @@ def _zero_fraction(nodes, shapes, entry):
     return zero / _prod(shapes[entry])
 
 
+def _layout_nodes(nodes):
+    """Node ids of the unit-weight convolutions (see the module doc) and of their `_ones` weights."""
+    found = set()
+    for nid, node in enumerate(nodes):
+        if node["op"] == "Convolution" and nodes[node["inputs"][1][0]]["op"] == "_ones":
+            found |= {nid, node["inputs"][1][0]}
+    return found
+
+
 def _node_macs(op, attrs, in_shapes, out_shapes):
     out = _prod(out_shapes[0])
     if op == "Convolution":  # weight (Cout, Cin/groups, *kernel)
@@ -249,10 +260,12 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
                  and n["name"] not in aux and nid not in fixed_gamma}
 
     layers, seen, uncounted = [], set(), set()
+    layout = _layout_nodes(nodes)
     depth = [0] * len(nodes)  # most fragmented operators on a path from the input, this node included
     for nid, node in enumerate(nodes):
         op = node["op"]
-        if op == "null":
+        if op == "null" or nid in layout:
+            depth[nid] = max((depth[src] for src, _, _ in node["inputs"]), default=0)
             continue
         depth[nid] = max((depth[src] for src, _, _ in node["inputs"]), default=0) + (op in FRAGMENT_OPS)
         attrs = node.get("attrs", {})
@@ -286,7 +299,7 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
         layers.append(LayerCost(node["name"], op, macs, mac, params, outs[0]))
     side_by_side = {}
     for nid, node in enumerate(nodes):
-        if node["op"] in FRAGMENT_OPS:
+        if node["op"] in FRAGMENT_OPS and nid not in layout:
             side_by_side[depth[nid]] = side_by_side.get(depth[nid], 0) + 1
     return CostReport(params=sum(lc.params for lc in layers), macs=sum(lc.macs for lc in layers),
                       mac=sum(lc.mac for lc in layers), layers=layers, input_shape=input_shape,
@@ -534,13 +547,13 @@ class LatencyTable:
     ShuffleNet V2's first guideline is to use the direct metric on the target platform: this is the
     per-op table the latency penalty reads. Entries are keyed by the device string (`device_name`) and by
     op, channels, resolution, batch, BN scale and separable repeats, and persist in a JSON file
-    (`{"version": 2, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
+    (`{"version": 3, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
     merged with whatever another process wrote meanwhile). A cached entry is never re-measured. Ops are
     timed as deployed: BN folded, wide depthwise kernels as one convolution (version 1 timed them
-    unfolded, in the training split).
+    unfolded, in the training split; version 2 timed poolings without ops.Pool's layout convolution).
     """
 
-    VERSION = 2
+    VERSION = 3
 
     def __init__(self, path=None, ctx=None, batch_size=1, repeats=20, warmup=3):
         import mxnet as mx

@@ -11,6 +11,7 @@ Two ops end in BN without ReLU, because the architectures they come from are def
 narrow output loses information).
 """
 
+import mxnet as mx
 from mxnet.gluon import nn
 
 from dsonas.space import KNOWN_OPS
@@ -98,13 +99,34 @@ def mbconv(channels, kernel, expand, bn_scale):
     ])
 
 
+class Pool(nn.HybridBlock):
+    """3x3 stride-1 max or average pooling (average ignores the zero padding at the borders), reading its
+    input through a 1x1 depthwise convolution with unit weights.
+
+    Why the convolution: the op inputs the λ mixing hands out are views in oneDNN's plain NCHW layout, and
+    oneDNN 2.x (MXNet 1.9.1) pools plain data with a slow kernel. On an AVX2 CPU (AMD EPYC), 16x48x32x32:
+    a 3x3 max pool took 60-66 ms forward or forward+backward, the same pool behind the unit convolution
+    (whose output oneDNN lays out blocked) 5-10 ms; at batch 1, inference, 4.5 vs 0.4 ms (bench/README.md).
+    x * 1 is exact, so outputs and gradients are the pool's; the convolution has no Parameter and the cost
+    model counts it as a free layout change (dsonas.cost).
+    """
+
+    def __init__(self, kind, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.kind, self.channels = kind, channels
+
+    def hybrid_forward(self, F, x):
+        c = self.channels
+        # an NDArray needs its device; a graph node runs on the graph's
+        unit = F.ones((c, 1, 1, 1), ctx=x.context) if isinstance(x, mx.nd.NDArray) else F.ones((c, 1, 1, 1))
+        x = F.Convolution(x, unit, kernel=(1, 1), num_filter=c, num_group=c, no_bias=True, name="layout")
+        return F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type=self.kind,
+                         count_include_pad=False)
+
+
 def pool(kind, bn_scale, channels):
-    """3x3 stride-1 pooling + BN + ReLU; average pooling ignores the zero padding at the borders."""
-    if kind == "avg":
-        layer = nn.AvgPool2D(3, strides=1, padding=1, count_include_pad=False)
-    else:
-        layer = nn.MaxPool2D(3, strides=1, padding=1)
-    return _sequential([layer, *bn_relu(channels, bn_scale)])
+    """3x3 stride-1 pooling (see Pool) + BN + ReLU."""
+    return _sequential([Pool(kind, channels), *bn_relu(channels, bn_scale)])
 
 
 def conv_1x1(channels, bn_scale):

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts (the benchmarks themselves are run by hand, see bench/README.md)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -45,6 +46,8 @@ def test_supernet_json_has_every_headline_figure():
         for key in ("ms_per_w_step", "ms_per_lambda_step", "images_per_s", "peak_rss_delta_mb"):
             assert figures[key] > 0, key
     assert result["step_gflop"] == pytest.approx(6 * result["forward_macs"] / 1e9)
+    machine = result["config"]["load_at_start"]
+    assert machine["cpu_model"] and isinstance(machine["isa"], list)
 
 
 def test_bad_genotype_is_one_line_error(tmp_path):
@@ -72,3 +75,17 @@ def test_inference_json_compares_every_form_and_checks_their_outputs():
         assert row["b1_ms"] == min(forms_b1)
     ratios = result["vs_shufflenet_v2"]["32"]
     assert set(ratios) == {"macs_ratio", "b1_latency_ratio", "b8_latency_ratio", "b64_throughput_ratio"}
+
+
+def test_cpu_identity_reads_the_model_and_the_kernel_deciding_flags(tmp_path):
+    spec = importlib.util.spec_from_file_location("dsonas_bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)  # by path: tools/ has a `common` module too
+    spec.loader.exec_module(common)
+    cpu_identity, load_note = common.cpu_identity, common.load_note
+    info = tmp_path / "cpuinfo"
+    cpu = "model name\t: Some CPU 9000\nflags\t\t: fpu sse2 avx fma avx2 avx512f\n"
+    info.write_text(f"processor\t: 0\n{cpu}\nprocessor\t: 1\n{cpu}")
+    identity = cpu_identity(info)
+    assert identity == {"cpu_model": "Some CPU 9000", "isa": ["avx512f", "avx2"]}
+    assert load_note({"cpus": 2, "load_1m": 0.1, **identity}).startswith("Some CPU 9000 (avx512f, avx2); ")
+    assert cpu_identity(tmp_path / "missing") == {"cpu_model": "unknown", "isa": []}

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
+from dsonas import cost
 from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.genotype import BlockMask, derive_mask
-from dsonas.ops import OPS, DepthwiseConv
+from dsonas.ops import OPS, DepthwiseConv, Pool
 from dsonas.space import KNOWN_OPS, OP_SETS, BlockSpec
 
 C, HW, BATCH = 4, 6, 3
@@ -112,6 +113,34 @@ def test_avg_pool_ignores_padding():
     pool.initialize()
     y = pool[0](mx.nd.ones((1, C, HW, HW)))
     assert np.allclose(y.asnumpy(), 1.0)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool_equals_the_plain_pooling(kind, hybridize):
+    """The unit 1x1 convolution in front of ops.Pool only changes the layout: the same outputs and input
+    gradients, bit for bit, as one Pooling; and the cost model sees one pooling and no MACs."""
+    pool = Pool(kind, C)
+    pool.initialize()
+    if hybridize:
+        pool.hybridize(static_alloc=True)
+    rng = np.random.default_rng(0)
+    x = mx.nd.array(rng.normal(size=(2, C, 7, 9)))
+    head = mx.nd.array(rng.normal(size=(2, C, 7, 9)))
+    results = []
+    for fn in (pool, lambda t: mx.nd.Pooling(t, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type=kind,
+                                             count_include_pad=False)):
+        t = x.copy()
+        t.attach_grad()
+        with autograd.record():
+            out = fn(t)
+        out.backward(head)
+        results.append((out.asnumpy(), t.grad.asnumpy()))
+    (ours, ours_grad), (plain, plain_grad) = results
+    np.testing.assert_array_equal(ours, plain)
+    np.testing.assert_array_equal(ours_grad, plain_grad)
+    report = cost.count(Pool(kind, C), (1, C, 7, 9))
+    assert (report.macs, report.fragments, report.mac) == (0, 1, 2 * C * 7 * 9)
 
 
 @pytest.mark.parametrize("merge", ["concat", "sum"])
