@@ -107,8 +107,9 @@ class Pool(nn.HybridBlock):
     oneDNN 2.x (MXNet 1.9.1) pools plain data with a slow kernel. On an AVX2 CPU (AMD EPYC), 16x48x32x32:
     a 3x3 max pool took 60-66 ms forward or forward+backward, the same pool behind the unit convolution
     (whose output oneDNN lays out blocked) 5-10 ms; at batch 1, inference, 4.5 vs 0.4 ms (bench/README.md).
-    x * 1 is exact, so outputs and gradients are the pool's; the convolution has no Parameter and the cost
-    model counts it as a free layout change (dsonas.cost).
+    On the AVX-512 Intel CPU of earlier measurements the same trick was within noise; on a GPU it costs one
+    pass over the map. x * 1 is exact, so outputs and gradients are the pool's; the convolution has no
+    Parameter and the cost model counts it as a free layout change (dsonas.cost).
     """
 
     def __init__(self, kind, channels, **kwargs):
