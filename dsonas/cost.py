@@ -547,13 +547,13 @@ class LatencyTable:
     ShuffleNet V2's first guideline is to use the direct metric on the target platform: this is the
     per-op table the latency penalty reads. Entries are keyed by the device string (`device_name`) and by
     op, channels, resolution, batch, BN scale and separable repeats, and persist in a JSON file
-    (`{"version": 3, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
+    (`{"version": 2, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
     merged with whatever another process wrote meanwhile). A cached entry is never re-measured. Ops are
-    timed as deployed: BN folded, wide depthwise kernels as one convolution (version 1 timed them
-    unfolded, in the training split; version 2 timed poolings without ops.Pool's layout convolution).
+    timed as deployed: BN folded, wide depthwise kernels as one convolution, poolings without their
+    layout convolution (version 1 timed them unfolded, in the training split).
     """
 
-    VERSION = 3
+    VERSION = 2
 
     def __init__(self, path=None, ctx=None, batch_size=1, repeats=20, warmup=3):
         import mxnet as mx
@@ -585,10 +585,10 @@ class LatencyTable:
         """Latency (ms) of candidate `op` on a (batch, channels, resolution, resolution) input."""
         k = self.key(op, channels, resolution, bn_scale, sep_repeats)
         if k not in self.entries:
-            from dsonas.ops import OPS, set_depthwise_split
+            from dsonas.ops import OPS, set_training_form
 
             block = OPS[op](channels, bn_scale, sep_repeats)
-            set_depthwise_split(block, False)  # as deployed (network.deploy_net)
+            set_training_form(block, False)  # as deployed (network.deploy_net)
             shape = (self.batch_size, channels, resolution, resolution)
             self.entries[k] = measure_latency(block, shape, self.ctx, self.repeats, self.warmup)
             self.measured += 1

@@ -37,7 +37,7 @@ class DepthwiseConv(nn.HybridBlock):
     (MXNet 1.9.1) has a JIT depthwise backward-weights kernel only for kernel widths <= 3; a 5x5 one falls
     back to a GEMM path measured 3-4x slower for the whole forward+backward (bench/README.md). Its forward
     kernel is fast, though, and the split costs ~10 small operators per 5x5 op, so inference and export use
-    one plain convolution (split=False, see set_depthwise_split).
+    one plain convolution (split=False, see set_training_form).
     """
 
     def __init__(self, channels, kernel, split=True, **kwargs):
@@ -61,9 +61,16 @@ class DepthwiseConv(nn.HybridBlock):
         return F.add_n(*out)
 
 
-def set_depthwise_split(block, split):
-    """Every DepthwiseConv in `block` trained as column groups (split=True) or run as one convolution."""
-    block.apply(lambda b: setattr(b, "split", split) if isinstance(b, DepthwiseConv) else None)
+def set_training_form(block, on):
+    """The forms of `block`'s ops that pay off in training only: every DepthwiseConv as column groups and
+    every Pool behind its layout convolution (on=True, as built), or neither (on=False: inference and
+    export). Same Parameters, same outputs."""
+    def switch(b):
+        if isinstance(b, DepthwiseConv):
+            b.split = on
+        elif isinstance(b, Pool):
+            b.layout_conv = on
+    block.apply(switch)
 
 
 def sep_conv(channels, kernel, bn_scale, repeats):
@@ -101,7 +108,8 @@ def mbconv(channels, kernel, expand, bn_scale):
 
 class Pool(nn.HybridBlock):
     """3x3 stride-1 max or average pooling (average ignores the zero padding at the borders), reading its
-    input through a 1x1 depthwise convolution with unit weights.
+    input through a 1x1 depthwise convolution with unit weights in training (layout_conv=True, see
+    set_training_form).
 
     Why the convolution: the op inputs the λ mixing hands out are views in oneDNN's plain NCHW layout, and
     oneDNN 2.x (MXNet 1.9.1) pools plain data with a slow kernel. On an AVX2 CPU (AMD EPYC), 16x48x32x32:
@@ -109,18 +117,21 @@ class Pool(nn.HybridBlock):
     (whose output oneDNN lays out blocked) 5-10 ms; at batch 1, inference, 4.5 vs 0.4 ms (bench/README.md).
     On the AVX-512 Intel CPU of earlier measurements the same trick was within noise; on a GPU it costs one
     pass over the map. x * 1 is exact, so outputs and gradients are the pool's; the convolution has no
-    Parameter and the cost model counts it as a free layout change (dsonas.cost).
+    Parameter and the cost model counts it as a free layout change (dsonas.cost). Derived nets at
+    inference drop it: their pool inputs are sums of blocked maps, and the extra operators made a derived
+    ImageNet net slower at batch 1 (40 vs 31-33 ms, bench/README.md).
     """
 
-    def __init__(self, kind, channels, **kwargs):
+    def __init__(self, kind, channels, layout_conv=True, **kwargs):
         super().__init__(**kwargs)
-        self.kind, self.channels = kind, channels
+        self.kind, self.channels, self.layout_conv = kind, channels, layout_conv
 
     def hybrid_forward(self, F, x):
         c = self.channels
-        # an NDArray needs its device; a graph node runs on the graph's
-        unit = F.ones((c, 1, 1, 1), ctx=x.context) if isinstance(x, mx.nd.NDArray) else F.ones((c, 1, 1, 1))
-        x = F.Convolution(x, unit, kernel=(1, 1), num_filter=c, num_group=c, no_bias=True, name="layout")
+        if self.layout_conv:  # an NDArray needs its device; a graph node runs on the graph's
+            device = {"ctx": x.context} if isinstance(x, mx.nd.NDArray) else {}
+            unit = F.ones((c, 1, 1, 1), **device)
+            x = F.Convolution(x, unit, kernel=(1, 1), num_filter=c, num_group=c, no_bias=True, name="layout")
         return F.Pooling(x, kernel=(3, 3), stride=(1, 1), pad=(1, 1), pool_type=self.kind,
                          count_include_pad=False)
 

@@ -115,12 +115,13 @@ def test_avg_pool_ignores_padding():
     assert np.allclose(y.asnumpy(), 1.0)
 
 
+@pytest.mark.parametrize("layout_conv", [True, False])
 @pytest.mark.parametrize("hybridize", [False, True])
 @pytest.mark.parametrize("kind", ["max", "avg"])
-def test_pool_equals_the_plain_pooling(kind, hybridize):
-    """The unit 1x1 convolution in front of ops.Pool only changes the layout: the same outputs and input
-    gradients, bit for bit, as one Pooling; and the cost model sees one pooling and no MACs."""
-    pool = Pool(kind, C)
+def test_pool_equals_the_plain_pooling(kind, hybridize, layout_conv):
+    """The unit 1x1 convolution in front of ops.Pool (training form) only changes the layout: the same
+    outputs and input gradients, bit for bit, as one Pooling; the cost model sees one pooling, no MACs."""
+    pool = Pool(kind, C, layout_conv=layout_conv)
     pool.initialize()
     if hybridize:
         pool.hybridize(static_alloc=True)
@@ -139,7 +140,7 @@ def test_pool_equals_the_plain_pooling(kind, hybridize):
     (ours, ours_grad), (plain, plain_grad) = results
     np.testing.assert_array_equal(ours, plain)
     np.testing.assert_array_equal(ours_grad, plain_grad)
-    report = cost.count(Pool(kind, C), (1, C, 7, 9))
+    report = cost.count(Pool(kind, C, layout_conv=layout_conv), (1, C, 7, 9))
     assert (report.macs, report.fragments, report.mac) == (0, 1, 2 * C * 7 * 9)
 
 
