@@ -119,7 +119,7 @@ class Pool(nn.HybridBlock):
     pass over the map. x * 1 is exact, so outputs and gradients are the pool's; the convolution has no
     Parameter and the cost model counts it as a free layout change (dsonas.cost). Derived nets at
     inference drop it: their pool inputs are sums of blocked maps, and the extra operators made a derived
-    ImageNet net slower at batch 1 (40 vs 31-33 ms, bench/README.md).
+    ImageNet net slower at batch 1 (37-40 vs 27-33 ms, bench/README.md).
     """
 
     def __init__(self, kind, channels, layout_conv=True, **kwargs):
