@@ -29,7 +29,7 @@ import warnings
 from mxnet.gluon import nn
 
 from dsonas.genotype import check_mask
-from dsonas.ops import make_op
+from dsonas.ops import make_op, set_pool_layout_conv
 
 FORMULATIONS = ("fast", "naive")
 
@@ -161,6 +161,8 @@ class MaskedBlock(PrunableBlock):
         with self.name_scope():
             for o in mask.live_slots():
                 op = make_op(spec.op_name(o), channels, bn_scale, spec.sep_repeats, prefix=f"op{o}_")
+                if searchable:  # the mixing hands its ops plain-layout views (see ops.Pool)
+                    set_pool_layout_conv(op, True)
                 self.register_child(op, f"op{o}")
                 self._ops[o] = op
             if spec.merge == "concat" and mask.outputs:

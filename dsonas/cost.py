@@ -549,8 +549,8 @@ class LatencyTable:
     op, channels, resolution, batch, BN scale and separable repeats, and persist in a JSON file
     (`{"version": 2, "devices": {device: {key: ms}}}`, written atomically after every new measurement,
     merged with whatever another process wrote meanwhile). A cached entry is never re-measured. Ops are
-    timed as deployed: BN folded, wide depthwise kernels as one convolution, poolings without their
-    layout convolution (version 1 timed them unfolded, in the training split).
+    timed as deployed: BN folded, wide depthwise kernels as one convolution (version 1 timed them
+    unfolded, in the training split).
     """
 
     VERSION = 2
@@ -585,10 +585,10 @@ class LatencyTable:
         """Latency (ms) of candidate `op` on a (batch, channels, resolution, resolution) input."""
         k = self.key(op, channels, resolution, bn_scale, sep_repeats)
         if k not in self.entries:
-            from dsonas.ops import OPS, set_training_form
+            from dsonas.ops import OPS, set_depthwise_split
 
             block = OPS[op](channels, bn_scale, sep_repeats)
-            set_training_form(block, False)  # as deployed (network.deploy_net)
+            set_depthwise_split(block, False)  # as deployed (network.deploy_net)
             shape = (self.batch_size, channels, resolution, resolution)
             self.entries[k] = measure_latency(block, shape, self.ctx, self.repeats, self.warmup)
             self.measured += 1

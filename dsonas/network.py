@@ -28,7 +28,7 @@ from dsonas import shuffle
 from dsonas.block import MaskedBlock, PrunableBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
-from dsonas.ops import set_training_form
+from dsonas.ops import set_depthwise_split
 from dsonas.space import DEFAULT_BYPASS, BlockSpec, Skeleton, check_space_kind
 
 CHANNEL_DIVISOR = 8
@@ -328,11 +328,10 @@ class DsoNet(PrunableBlock):
         self._clear_cached_ops()
         self._sync_grad_reqs()
 
-    def set_training_form(self, on):
-        """Wide depthwise kernels as groups at most 3 wide and poolings behind a layout convolution (on=True,
-        training) or neither (inference, export): same Parameters, same outputs (see ops.set_training_form);
-        clears the graph."""
-        set_training_form(self, on)
+    def set_depthwise_split(self, split):
+        """Train wide depthwise kernels as groups at most 3 wide (split=True) or run them as one convolution
+        (inference, export): same Parameters, same outputs (see ops.DepthwiseConv); clears the graph."""
+        set_depthwise_split(self, split)
         self._clear_cached_ops()
 
     def set_drop_path(self, prob):
@@ -409,8 +408,7 @@ def compile_genotype(genotype, width_mult=1.0, dropout=0.0, drop_path=0.0, aux=F
 
 def deploy_net(genotype, width_mult=1.0, channel_divisor=CHANNEL_DIVISOR):
     """The net as deployed, counted and timed: no aux head, no dropout or drop-path (inference ignores
-    them), wide depthwise kernels as one convolution and poolings without their layout convolution (both
-    pay off in training only, ops.set_training_form)."""
+    them), wide depthwise kernels as one convolution (the training split only pays off in backward)."""
     net = compile_genotype(genotype, width_mult=width_mult, channel_divisor=channel_divisor)
-    net.set_training_form(False)
+    net.set_depthwise_split(False)
     return net

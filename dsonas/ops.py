@@ -37,7 +37,7 @@ class DepthwiseConv(nn.HybridBlock):
     (MXNet 1.9.1) has a JIT depthwise backward-weights kernel only for kernel widths <= 3; a 5x5 one falls
     back to a GEMM path measured 3-4x slower for the whole forward+backward (bench/README.md). Its forward
     kernel is fast, though, and the split costs ~10 small operators per 5x5 op, so inference and export use
-    one plain convolution (split=False, see set_training_form).
+    one plain convolution (split=False, see set_depthwise_split).
     """
 
     def __init__(self, channels, kernel, split=True, **kwargs):
@@ -61,16 +61,14 @@ class DepthwiseConv(nn.HybridBlock):
         return F.add_n(*out)
 
 
-def set_training_form(block, on):
-    """The forms of `block`'s ops that pay off in training only: every DepthwiseConv as column groups and
-    every Pool behind its layout convolution (on=True, as built), or neither (on=False: inference and
-    export). Same Parameters, same outputs."""
-    def switch(b):
-        if isinstance(b, DepthwiseConv):
-            b.split = on
-        elif isinstance(b, Pool):
-            b.layout_conv = on
-    block.apply(switch)
+def set_depthwise_split(block, split):
+    """Every DepthwiseConv in `block` trained as column groups (split=True) or run as one convolution."""
+    block.apply(lambda b: setattr(b, "split", split) if isinstance(b, DepthwiseConv) else None)
+
+
+def set_pool_layout_conv(block, on):
+    """Every Pool in `block` reading its input through its layout convolution (on=True) or directly."""
+    block.apply(lambda b: setattr(b, "layout_conv", on) if isinstance(b, Pool) else None)
 
 
 def sep_conv(channels, kernel, bn_scale, repeats):
@@ -107,9 +105,9 @@ def mbconv(channels, kernel, expand, bn_scale):
 
 
 class Pool(nn.HybridBlock):
-    """3x3 stride-1 max or average pooling (average ignores the zero padding at the borders), reading its
-    input through a 1x1 depthwise convolution with unit weights in training (layout_conv=True, see
-    set_training_form).
+    """3x3 stride-1 max or average pooling (average ignores the zero padding at the borders); with
+    layout_conv=True it reads its input through a 1x1 depthwise convolution with unit weights, as the
+    pools of a searchable block do (MaskedBlock turns it on).
 
     Why the convolution: the op inputs the λ mixing hands out are views in oneDNN's plain NCHW layout, and
     oneDNN 2.x (MXNet 1.9.1) pools plain data with a slow kernel. On an AVX2 CPU (AMD EPYC), 16x48x32x32:
@@ -117,12 +115,13 @@ class Pool(nn.HybridBlock):
     (whose output oneDNN lays out blocked) 5-10 ms; at batch 1, inference, 4.5 vs 0.4 ms (bench/README.md).
     On the AVX-512 Intel CPU of earlier measurements the same trick was within noise; on a GPU it costs one
     pass over the map. x * 1 is exact, so outputs and gradients are the pool's; the convolution has no
-    Parameter and the cost model counts it as a free layout change (dsonas.cost). Derived nets at
-    inference drop it: their pool inputs are sums of blocked maps, and the extra operators made a derived
-    ImageNet net slower at batch 1 (37-40 vs 27-33 ms, bench/README.md).
+    Parameter and the cost model counts it as a free layout change (dsonas.cost). Derived blocks go
+    without it: their pool inputs are sums of maps oneDNN already holds blocked, and there it only cost
+    time (a derived ImageNet net at inference, batch 1: 37-40 vs 27-33 ms; a derived CIFAR net's training
+    step: 2476 vs 2360 ms; bench/README.md).
     """
 
-    def __init__(self, kind, channels, layout_conv=True, **kwargs):
+    def __init__(self, kind, channels, layout_conv=False, **kwargs):
         super().__init__(**kwargs)
         self.kind, self.channels, self.layout_conv = kind, channels, layout_conv
 

@@ -6,6 +6,7 @@ from mxnet import autograd
 from dsonas import cost
 from dsonas.block import MaskedBlock, ReductionBlock
 from dsonas.genotype import BlockMask, derive_mask
+from dsonas.network import blocks_of
 from dsonas.ops import OPS, DepthwiseConv, Pool
 from dsonas.space import KNOWN_OPS, OP_SETS, BlockSpec
 
@@ -142,6 +143,15 @@ def test_pool_equals_the_plain_pooling(kind, hybridize, layout_conv):
     np.testing.assert_array_equal(ours_grad, plain_grad)
     report = cost.count(Pool(kind, C, layout_conv=layout_conv), (1, C, 7, 9))
     assert (report.macs, report.fragments, report.mac) == (0, 1, 2 * C * 7 * 9)
+
+
+def test_only_searchable_blocks_pool_through_the_layout_conv():
+    """The λ mixing hands a searchable block's ops plain-layout views; a derived block sums blocked maps."""
+    spec = spec_of()
+    for searchable in (True, False):
+        block = MaskedBlock(spec, C, BlockMask.full(spec), searchable, bn_scale=False)
+        pools = blocks_of(block, Pool)
+        assert pools and all(p.layout_conv == searchable for p in pools)
 
 
 @pytest.mark.parametrize("merge", ["concat", "sum"])

@@ -212,21 +212,18 @@ def test_measure_latency_times_the_bn_folded_net(monkeypatch):
 
 
 def test_latency_table_times_ops_as_deployed(tmp_path, monkeypatch):
-    from dsonas.ops import DepthwiseConv, Pool
+    from dsonas.ops import DepthwiseConv
 
-    forms = []
+    splits = []
 
     def record(block, *args, **kwargs):
-        block.apply(lambda b: forms.append(b.split) if isinstance(b, DepthwiseConv) else None)
-        block.apply(lambda b: forms.append(b.layout_conv) if isinstance(b, Pool) else None)
+        block.apply(lambda b: splits.append(b.split) if isinstance(b, DepthwiseConv) else None)
         return 1.0
 
     monkeypatch.setattr(cost, "measure_latency", record)
     table = cost.LatencyTable(tmp_path / "lat.json", repeats=1, warmup=1)
     assert table.op_latency("sep_conv_5x5", 8, 8) == 1.0
-    assert table.op_latency("max_pool_3x3", 8, 8) == 1.0
-    # one plain 5x5 depthwise convolution, not the training split; the pool without its layout conv
-    assert forms == [False, False]
+    assert splits == [False]  # one plain 5x5 depthwise convolution, not the training split
 
 
 # ------------------------------------------------------------------------------ block-level costs

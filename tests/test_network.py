@@ -244,7 +244,7 @@ def test_build_supernet_from_config_sections():
         build_supernet(space, SimpleNamespace(**{**vars(skeleton), "kind": "shuffle_cifar"}), 3, 8)
 
 
-def test_inference_form_keeps_outputs_and_drops_operators():
+def test_unsplit_depthwise_for_inference_keeps_outputs_and_drops_operators():
     genotype = Genotype(skeleton=SKELETON, spec=SPEC, shared=True, masks=[BlockMask.full(SPEC)])
     net = compile_genotype(genotype)
     net.initialize(mx.init.Xavier())
@@ -252,12 +252,11 @@ def test_inference_form_keeps_outputs_and_drops_operators():
     net.hybridize()
     split_out = net(x).asnumpy()
     split_ops = len(json.loads(net._cached_graph[1].tojson())["nodes"])
-    net.set_training_form(False)
+    net.set_depthwise_split(False)
     plain_out = net(x).asnumpy()
     plain_ops = len(json.loads(net._cached_graph[1].tojson())["nodes"])
     np.testing.assert_allclose(plain_out, split_out, rtol=1e-4, atol=1e-5)
-    # every sep_conv_5x5 loses its pad, window slices and partial sums, every pool its layout convolution
-    assert plain_ops < split_ops
+    assert plain_ops < split_ops  # every sep_conv_5x5 loses its pad, window slices and partial sums
 
 
 def test_set_trained_computes_only_the_stepped_group_with_the_same_results():
