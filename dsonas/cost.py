@@ -264,10 +264,11 @@ def count(net_or_symbol, input_shape=(1, 3, 224, 224), input_name="data"):
     depth = [0] * len(nodes)  # most fragmented operators on a path from the input, this node included
     for nid, node in enumerate(nodes):
         op = node["op"]
-        if op == "null" or nid in layout:
-            depth[nid] = max((depth[src] for src, _, _ in node["inputs"]), default=0)
+        counted = op != "null" and nid not in layout
+        depth[nid] = (max((depth[src] for src, _, _ in node["inputs"]), default=0)
+                      + (counted and op in FRAGMENT_OPS))
+        if not counted:
             continue
-        depth[nid] = max((depth[src] for src, _, _ in node["inputs"]), default=0) + (op in FRAGMENT_OPS)
         attrs = node.get("attrs", {})
         in_shapes = [shapes[(src, idx)] for src, idx, _ in node["inputs"]]
         outs = []

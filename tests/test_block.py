@@ -120,7 +120,7 @@ def test_avg_pool_ignores_padding():
 @pytest.mark.parametrize("hybridize", [False, True])
 @pytest.mark.parametrize("kind", ["max", "avg"])
 def test_pool_equals_the_plain_pooling(kind, hybridize, layout_conv):
-    """The unit 1x1 convolution in front of ops.Pool (training form) only changes the layout: the same
+    """The unit 1x1 convolution in front of ops.Pool (searchable blocks) only changes the layout: the same
     outputs and input gradients, bit for bit, as one Pooling; the cost model sees one pooling, no MACs."""
     pool = Pool(kind, C, layout_conv=layout_conv)
     pool.initialize()
