@@ -25,8 +25,9 @@ the same keys prefixed `fast_recompute_` compare fast_recompute.
 A *W step* is one forward/backward on a batch plus an NAG update of the weights; a *λ step* is the same
 with an APG-NAG update of the λ (what dsonas.engine.search runs 1:1). Steps of all variants are timed
 interleaved in this process (median); peak memory is the resident-set high-water mark of a fresh child
-process per variant, minus its resident set just before the network is built, after one W step and one
-λ step.
+process per variant, minus its resident set just before the network is built, after --memory-steps W
+and λ steps (default 3: a graph allocated afresh on every call, as in recompute mode, keeps growing
+after the first step while glibc's arenas fill; dsonas.malloc).
 
 FLOPs convention: forward MACs counted by dsonas.cost.count on the fast supernet (convolutions, dense
 layers and the mixing dots; BN, pooling and elementwise ops add none), FLOPs = 2 x MACs, and a training
@@ -88,6 +89,8 @@ def parse_args(argv):
                    help="timed W and λ steps of each naive net (default 2; slow at the paper's shape)")
     p.add_argument("--warmup", type=int, default=1, help="untimed W and λ steps per variant (default 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes that measure memory")
+    p.add_argument("--memory-steps", type=int, default=3,
+                   help="W and λ steps each memory child runs before its peak is read (default 3)")
     p.add_argument("--peak-n", type=int, default=2048, help="peak GFLOP/s matrix side (default 2048)")
     # internal: measure one variant's RSS in this (child) process
     p.add_argument("--child-memory", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
@@ -100,14 +103,17 @@ def parse_args(argv):
 
 
 def child_memory(args):
-    """Internal: build one variant in this fresh process, run a W and a λ step, report the RSS growth."""
+    """Internal: build one variant in this fresh process, run --memory-steps W and λ steps, report the
+    RSS growth."""
     from dsonas import optim  # noqa: F401  (imports mxnet: its own RSS is not the network's)
 
     x, y = random_batch(args)
     base = current_rss_mb()
     net = build_supernet(args, *VARIANTS[args.child_memory])
-    for step in step_fns(net, *search_trainers(args, net), x, y, args.child_memory in EVERY_GRADIENT):
-        step()
+    steps = step_fns(net, *search_trainers(args, net), x, y, args.child_memory in EVERY_GRADIENT)
+    for _ in range(args.memory_steps):
+        for step in steps:
+            step()
     peak = max_rss_mb()
     child_result({"variant": args.child_memory, "base_rss_mb": base, "peak_rss_mb": peak,
                   "peak_rss_delta_mb": peak - base})
@@ -121,7 +127,8 @@ def measure(args):
     # Memory first, one fresh child per variant, while this process holds no network (the published
     # naive implementation needed ~15 GB at the paper's shape: never several big nets plus a child).
     memory = {} if args.no_memory else {
-        v: run_child(__file__, ["--child-memory", v, *supernet_shape_args(args)]) for v in args.variants}
+        v: run_child(__file__, ["--child-memory", v, "--memory-steps", args.memory_steps,
+                              *supernet_shape_args(args)]) for v in args.variants}
     peak_before = peak_gflops(args.peak_n)
     nets, fns, rounds = {}, {}, {}
     for v in args.variants:
@@ -143,7 +150,7 @@ def measure(args):
         "config": {"filters": args.filters, "stages": list(args.stages), "batch": args.batch,
                    "space": args.space, "levels": args.levels, "input_size": args.input_size,
                    "steps": args.steps, "naive_steps": args.naive_steps, "warmup": args.warmup,
-                   "peak_n": args.peak_n,
+                   "peak_n": args.peak_n, "memory_steps": args.memory_steps,
                    "load_at_start": load,
                    "omp_num_threads": args.threads_in_force},
         "flops_convention": "step FLOPs = 3 x 2 x forward MACs (dsonas.cost.count of the fast supernet)",

@@ -28,7 +28,7 @@ def test_help(script):
 
 def test_supernet_json_has_every_headline_figure():
     proc = run("supernet.py", "--filters", "8", "--stages", "1", "--levels", "2", "--batch", "2", "--steps",
-               "1", "--naive-steps", "1", "--warmup", "0", "--peak-n", "256",
+               "1", "--naive-steps", "1", "--warmup", "0", "--peak-n", "256", "--memory-steps", "2",
                "--variants", "fast,fast_recompute,naive,naive_plain,naive_trained_only", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -46,6 +46,7 @@ def test_supernet_json_has_every_headline_figure():
         for key in ("ms_per_w_step", "ms_per_lambda_step", "images_per_s", "peak_rss_delta_mb"):
             assert figures[key] > 0, key
     assert result["step_gflop"] == pytest.approx(6 * result["forward_macs"] / 1e9)
+    assert result["config"]["memory_steps"] == 2
     machine = result["config"]["load_at_start"]
     assert machine["cpu_model"] and isinstance(machine["isa"], list)
 

@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from dsonas.config import SHUFFLE_CONFIG, load_config  # noqa: E402  (needs the path above)
 from dsonas.errors import ConfigError, DsonasError  # noqa: E402
+from dsonas.malloc import single_arena  # noqa: E402
 from dsonas.openmp import serial_main_thread  # noqa: E402
 
 SUPPORTED_PYTHON = (3, 11)
@@ -57,13 +58,15 @@ def setup_threads(threads=None):
     MXNet halves omp_get_num_procs() when OMP_NUM_THREADS is unset (1 thread on a 2-core machine, 1.5-1.9x
     slower). Order: an explicit `threads` (runtime.threads), else the user's OMP_NUM_THREADS, else every
     core this process may use. The tool's own thread gets a serial OpenMP team (dsonas.openmp): MXNet's
-    engine threads do the work.
+    engine threads do the work. glibc gets one malloc arena for every thread (dsonas.malloc), before
+    those threads exist.
     """
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
         os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
     serial_main_thread()
+    single_arena()
     if "mxnet" in sys.modules:
         logging.getLogger("dsonas").warning(
             "mxnet was imported before setup_threads(); OMP_NUM_THREADS=%s may not take effect",
