@@ -95,6 +95,8 @@ def parse_args(argv):
     # internal: measure one variant's RSS in this (child) process
     p.add_argument("--child-memory", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_steps < 1:
+        p.error("--memory-steps: expected at least 1")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants:
