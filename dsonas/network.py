@@ -29,6 +29,7 @@ from dsonas.block import MaskedBlock, PrunableBlock, ReductionBlock
 from dsonas.errors import ConfigError
 from dsonas.genotype import BlockMask
 from dsonas.ops import set_depthwise_split
+from dsonas.recompute import SegmentGraphs
 from dsonas.space import DEFAULT_BYPASS, BlockSpec, Skeleton, check_space_kind
 
 CHANNEL_DIVISOR = 8
@@ -121,6 +122,7 @@ class DsoNet(PrunableBlock):
         self._off = {"pruned": set(), "frozen": set()}
         self._trained = "all"
         self.recompute = False   # see set_recompute
+        self.segment_graphs = None
         with self.name_scope():
             if skeleton.is_shuffle:
                 features = self._build_shuffle(widths, bn_scale)
@@ -233,24 +235,26 @@ class DsoNet(PrunableBlock):
             h = self.dropout(h)
         return self.classifier(h)
 
-    def segments(self, ctx):
-        """The forward pass as callables h -> h run in sequence: the stem, every block and reduction
-        (reading the λ of context `ctx`), the classifier head. Their composition is `self(x)`; each is
-        its own hybridized graph when the net is hybridized (dsonas.recompute runs them one at a time)."""
+    def segment_layers(self):
+        """The forward pass before the head as (layer, λ Parameters it reads) in order: the stem, every
+        block and reduction. Blocks pruned to the identity are left out: their output is their input,
+        which a graph of its own would not record."""
         if self.aux:
             raise ValueError("segments: the auxiliary head branches off mid-net; build with aux=False")
-        out = [self.stem]
+        out = [(self.stem, [])]
         for block, layer in self._layers:
             if isinstance(layer, MaskedBlock) and layer.mask.is_identity:
-                continue  # returns its input: hybridized alone, that output would not be recorded
-            if block is None or not self.searchable:
-                out.append(layer)
-            else:
-                names = self._lambda_names[block]
-                out.append(lambda h, layer=layer, names=names:
-                           layer(h, *[getattr(self, name).data(ctx) for name in names]))
-        out.append(self._classify)
+                continue
+            searched = block is not None and self.searchable
+            lams = [getattr(self, name) for name in self._lambda_names[block]] if searched else []
+            out.append((layer, lams))
         return out
+
+    def segments(self, ctx):
+        """The forward pass as callables h -> h run in sequence: `segment_layers` (reading the λ of
+        context `ctx`), then the classifier head. Their composition is `self(x)`."""
+        return [lambda h, layer=layer, lams=lams: layer(h, *[p.data(ctx) for p in lams])
+                for layer, lams in self.segment_layers()] + [self._classify]
 
     def set_recompute(self, on):
         """Train by recomputing each segment's activations in backward (dsonas.recompute): far less memory
@@ -261,6 +265,7 @@ class DsoNet(PrunableBlock):
             raise ConfigError("recompute needs deterministic blocks: drop-path would draw different masks "
                               "when a block is recomputed; set drop_path to 0 or turn recompute off")
         self.recompute = bool(on)
+        self.segment_graphs = SegmentGraphs(self) if on else None
         for param in self.collect_params().values():
             if param.grad_req != "null":
                 param.grad_req = self._live_grad_req
@@ -346,6 +351,8 @@ class DsoNet(PrunableBlock):
         """Drop the traced graph of this net and of every sub-block: with recompute the segments run
         their own graphs, which a changed mask or kernel split invalidates as well."""
         self.apply(lambda block: block._clear_cached_op() if isinstance(block, nn.HybridBlock) else None)
+        if self.segment_graphs is not None:
+            self.segment_graphs.clear()
 
     @property
     def _live_grad_req(self):

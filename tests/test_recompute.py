@@ -121,6 +121,23 @@ def test_recompute_with_blocks_pruned_to_identity():
     assert_same_step(one_step(nets[1]), one_step(nets[0]))
 
 
+@pytest.mark.parametrize("kind", ["share", "full"])
+def test_blocks_built_alike_share_one_graph(kind):
+    """Stage 1's two blocks run one CachedOp (λ are inputs, so per-block λ do not stop it); a block whose
+    mask differs gets its own, and the step still equals the ordinary one."""
+    nets = [supernet(kind, False), supernet(kind, True)]
+    assert_same_step(one_step(nets[1]), one_step(nets[0]))
+    graphs = nets[1].segment_graphs
+    assert len(nets[1].segment_layers()) == 5 and graphs.num_graphs == 4  # stem, 2 blocks, reduction, block
+    if kind == "full":
+        mask = nets[0].masks[1]
+        pruned = BlockMask(inputs=mask.inputs, outputs=mask.outputs[1:])
+        for net in nets:
+            net.set_masks([net.masks[0], pruned, net.masks[2]])
+        assert_same_step(one_step(nets[1]), one_step(nets[0]))
+        assert graphs.num_graphs == 5
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_segments_compose_to_the_network(kind):
     net = supernet(kind, True)
