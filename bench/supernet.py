@@ -16,7 +16,8 @@ same initial weights:
   on every call), the closest Gluon analogue of the published implementation, which ran the symbolic
   executor. The issue's 49 s/step and 15 GB are the published code's own figures, not this variant's;
 * fast_recompute: the fast net trained with runtime.recompute (dsonas.recompute: every block's
-  activations recomputed in backward), plain hybridize(): the memory-lean way to run the same search.
+  activations recomputed in backward, the segments run through CachedOps shared by the blocks of a stage):
+  the memory-lean way to run the same search.
 
 `speedup_vs_naive` and `memory_ratio_vs_naive` compare fast against **naive** (static_alloc);
 `speedup_vs_naive_plain`, `speedup_vs_naive_trained_only` and their memory ratios against those variants;

@@ -137,7 +137,8 @@ def prepare(cfg, ctx_list, kvstore, log=print, cluster=None):
 def _hybridize(net):
     """static_alloc, never static_shape: with static_shape=True as well, mxnet 1.9.1 + oneDNN computes wrong
     gradients on this graph (bench/README.md); static_alloc alone matches imperative gradients and is as
-    fast. In recompute mode a plain hybridize: static buffers would keep every segment's graph allocated."""
+    fast. In recompute mode a plain hybridize: the segments run their own graphs (dsonas.recompute), and
+    static buffers for the whole net would stay allocated beside them."""
     net.hybridize(static_alloc=not net.recompute)
 
 

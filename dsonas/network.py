@@ -259,8 +259,8 @@ class DsoNet(PrunableBlock):
     def set_recompute(self, on):
         """Train by recomputing each segment's activations in backward (dsonas.recompute): far less memory
         for one more forward pass. Live Parameters get grad_req 'add' (gradients summed over segments,
-        zeroed by every step), and the net should be hybridized without static_alloc, which would keep
-        every segment's buffers allocated and save nothing."""
+        zeroed by every step). The segments run their own graphs (`segment_graphs`); hybridize the net
+        itself without static_alloc, whose buffers for the whole graph would stay allocated beside them."""
         if on and any(cell.drop_path > 0 for cell in self._blocks):
             raise ConfigError("recompute needs deterministic blocks: drop-path would draw different masks "
                               "when a block is recomputed; set drop_path to 0 or turn recompute off")

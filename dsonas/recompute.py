@@ -141,7 +141,7 @@ def bn_statistics_pass(net, x):
     `net` in turn, each on the previous one's output: every BN updates its running statistics (MXNet does
     that in BN's backward) while only one segment's graph is alive. For BN recalibration."""
     h = x
-    for segment in net.segments(x.context):
+    for segment in net.segment_graphs.segments(x.context):
         h = h.detach()
         h.attach_grad()
         with autograd.record():
