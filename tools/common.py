@@ -69,7 +69,8 @@ def setup_threads(threads=None):
     single_arena()
     if "mxnet" in sys.modules:
         logging.getLogger("dsonas").warning(
-            "mxnet was imported before setup_threads(); OMP_NUM_THREADS=%s may not take effect",
+            "mxnet was imported before setup_threads(); OMP_NUM_THREADS=%s and the single malloc arena "
+            "may not take effect (engine threads that already allocated keep their own arenas)",
             os.environ["OMP_NUM_THREADS"])
     return int(os.environ["OMP_NUM_THREADS"])
 
