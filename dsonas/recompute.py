@@ -9,11 +9,12 @@ then goes from the last segment to the first, re-running each one recorded from 
 back-propagating the gradient of its output through it. What is held at once is the segment inputs plus
 one segment's graph; the price is a second forward pass.
 
-The segments run as CachedOps of their own (`SegmentGraphs`), not through the net's hybridization: a
-graph allocated afresh on every call (a plain `hybridize()`) pays for its buffers 26 times a step at the
-paper's shape, and a static memory plan per segment would keep all of them (the default's memory). The
-blocks of a stage have the same graph, so one static CachedOp runs all of them, and backward visits the
-segments stage by stage: only the graph in use is kept, allocated once per stage and step.
+The segments run as CachedOps of their own (`SegmentGraphs`), not through the net's hybridization. A
+graph allocated afresh on every call (a plain `hybridize()`) pays for its buffers in both passes of
+each of the 27 segments at the paper's shape, and a static memory plan per segment would keep all of
+them (the default's memory). The blocks of a stage have the same graph, so one static CachedOp runs all
+of them, and backward visits the segments stage by stage: only the graph in use is kept, allocated once
+per stage and step.
 
 Same maths as `loop.train_step`: every segment sees the same input twice, so BN batch statistics are the
 same, and MXNet updates BN running statistics in BN's backward only, which runs once per step. Float

@@ -140,12 +140,16 @@ def test_blocks_built_alike_share_one_graph(kind):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_segments_compose_to_the_network(kind):
+    """Both forms: the net's own segments and the shared graphs dsonas.recompute runs."""
     net = supernet(kind, True)
     x, _ = batch()
-    h = x.as_in_context(mx.cpu(0))
-    for segment in net.segments(mx.cpu(0)):
-        h = segment(h)
-    np.testing.assert_allclose(h.asnumpy(), net(x.as_in_context(mx.cpu(0))).asnumpy(), rtol=1e-5, atol=1e-6)
+    x = x.as_in_context(mx.cpu(0))
+    expected = net(x).asnumpy()
+    for segments in (net.segments(mx.cpu(0)), net.segment_graphs.segments(mx.cpu(0))):
+        h = x
+        for segment in segments:
+            h = segment(h)
+        np.testing.assert_allclose(h.asnumpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_recompute_refuses_drop_path():
