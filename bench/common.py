@@ -102,19 +102,35 @@ def load_note(load):
     return line
 
 
-def peak_gflops(n=2048, repeats=5):
-    """The machine's fp32 matrix-product throughput (GFLOP/s, median of `repeats` n x n mx.nd.dot)."""
+def matmul_gflops(n=2048, repeats=5):
+    """fp32 n x n matrix-product throughput (GFLOP/s, median of `repeats`) of MXNet's two GEMM paths:
+    `dot` (the OpenBLAS bundled with the mxnet wheel) and `FullyConnected` (oneDNN, the library the
+    convolutions run on).
+
+    Why both: the bundled OpenBLAS picks its kernels by CPU model, and on an AVX-512 Intel CPU it did not
+    recognise it reached 25-43 GFLOP/s while oneDNN reached 170-200 on the same machine (bench/README.md).
+    """
     import mxnet as mx
 
     a = mx.nd.random.uniform(shape=(n, n))
     b = mx.nd.random.uniform(shape=(n, n))
-    mx.nd.dot(a, b).wait_to_read()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mx.nd.dot(a, b).wait_to_read()
-        times.append(time.perf_counter() - t)
-    return 2.0 * n ** 3 / statistics.median(times) / 1e9
+    paths = {"dot": lambda: mx.nd.dot(a, b),
+             "fully_connected": lambda: mx.nd.FullyConnected(a, b, num_hidden=n, no_bias=True)}
+    result = {}
+    for name, product in paths.items():
+        product().wait_to_read()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            product().wait_to_read()
+            times.append(time.perf_counter() - t)
+        result[name] = 2.0 * n ** 3 / statistics.median(times) / 1e9
+    return result
+
+
+def peak_gflops(n=2048, repeats=5):
+    """The machine's measured fp32 peak (GFLOP/s): the faster of the two matrix-product paths."""
+    return max(matmul_gflops(n, repeats).values())
 
 
 def _status_mb(field):

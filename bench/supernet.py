@@ -33,7 +33,8 @@ after the first step while glibc's arenas fill; dsonas.malloc).
 FLOPs convention: forward MACs counted by dsonas.cost.count on the fast supernet (convolutions, dense
 layers and the mixing dots; BN, pooling and elementwise ops add none), FLOPs = 2 x MACs, and a training
 step = 3 x the forward FLOPs (forward, backward to the data, backward to the weights).
-peak_fraction = step FLOPs / fast W-step time / the machine's peak (an n x n fp32 mx.nd.dot).
+peak_fraction = step FLOPs / fast W-step time / the machine's peak (n x n fp32 matrix product, the faster
+of mx.nd.dot and oneDNN's FullyConnected).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py --steps 3 --naive-steps 1   # the paper's shape
     OMP_NUM_THREADS=2 .venv/bin/python bench/supernet.py --steps 3 --naive-steps 1 --variants fast,naive_plain
@@ -51,8 +52,8 @@ from common import (
     interleaved,
     load_note,
     machine_load,
+    matmul_gflops,
     max_rss_mb,
-    peak_gflops,
     print_table,
     random_batch,
     run_child,
@@ -132,7 +133,7 @@ def measure(args):
     memory = {} if args.no_memory else {
         v: run_child(__file__, ["--child-memory", v, "--memory-steps", args.memory_steps,
                               *supernet_shape_args(args)]) for v in args.variants}
-    peak_before = peak_gflops(args.peak_n)
+    matmul_before = matmul_gflops(args.peak_n)
     nets, fns, rounds = {}, {}, {}
     for v in args.variants:
         nets[v] = net = build_supernet(args, *VARIANTS[v])
@@ -144,7 +145,8 @@ def measure(args):
         for p_first, p in zip(first, nets[v].collect_params().values(), strict=True):
             p.set_data(p_first.data())
     medians, samples = interleaved(fns, rounds, warmup=args.warmup)
-    peak_after = peak_gflops(args.peak_n)
+    matmul_after = matmul_gflops(args.peak_n)
+    peak_before, peak_after = max(matmul_before.values()), max(matmul_after.values())
     peak = max(peak_before, peak_after)
 
     macs = cost.count(nets["fast"] if "fast" in nets else build_supernet(args, "fast"), x.shape).macs
@@ -159,6 +161,7 @@ def measure(args):
         "flops_convention": "step FLOPs = 3 x 2 x forward MACs (dsonas.cost.count of the fast supernet)",
         "forward_macs": macs, "step_gflop": step_flops / 1e9,
         "peak_gflops": peak, "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
+        "matmul_gflops_before": matmul_before, "matmul_gflops_after": matmul_after,
         "variants": {},
     }
     for v in args.variants:
@@ -197,7 +200,10 @@ def report(r):
     print(f"CIFAR supernet, {c['space']} space, filters {c['filters']}, stages {c['stages']}, "
           f"batch {c['batch']}, {c['input_size']}x{c['input_size']}, OMP_NUM_THREADS={c['omp_num_threads']}")
     print(f"forward {r['forward_macs'] / 1e9:.2f} GMACs; training step {r['step_gflop']:.1f} GFLOP "
-          f"({r['flops_convention']}); machine peak {r['peak_gflops']:.0f} GFLOP/s (fp32 dot)\n")
+          f"({r['flops_convention']})")
+    paths = ", ".join(f"{name} {max(r['matmul_gflops_before'][name], r['matmul_gflops_after'][name]):.0f}"
+                      for name in r["matmul_gflops_before"])
+    print(f"machine peak {r['peak_gflops']:.0f} GFLOP/s (fp32 matrix product, the faster path of: {paths})\n")
     rows = []
     for v, m in r["variants"].items():
         mem = f"{m['peak_rss_delta_mb']:.0f}" if "peak_rss_delta_mb" in m else "-"
