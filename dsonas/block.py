@@ -8,12 +8,15 @@ channels is the skip path, and a ShuffleNASNet cell outputs the plain sum of its
 
 Two formulations of the searchable block compute the same function with the same Parameters:
 
-* ``fast``: a level's mixing is ONE 1x1 convolution. The level's K candidate nodes are concatenated along
-  channels, (B, K*C, H, W), viewed as (B, K, C*H, W) and convolved with the level's (ops x K) λ matrix
-  as a 1x1 kernel, giving every op's input at once; its backward is two oneDNN kernels instead of one
-  slow reduction kernel per edge. This layout beat stacking on a new axis + ``dot`` by 1.2-1.5x on the
-  mixing alone (MXNet's ``stack`` is a slow generic copy, oneDNN's concat and 1x1 conv are not), and the
-  per-op inputs are contiguous channel groups of the result. The concat merge scales
+* ``fast``: a level's mixing is ONE 1x1 convolution. Each node is made a (B, 1, C, H, W) column once per
+  block (`_columns`); a level concatenates its K candidate columns, views them as (B, K, C*H, W) and
+  convolves them with the level's (ops x K) λ matrix as a 1x1 kernel, giving every op's input at once;
+  its backward is two oneDNN kernels instead of one slow reduction kernel per edge. This beat stacking
+  on a new axis + ``dot`` by 1.2-1.5x on the mixing alone, and the per-op inputs are contiguous channel
+  groups of the result. Columns made once per node, rather than a view of each level's channel concat
+  (which oneDNN holds blocked, so the view cost a reorder and a copy of all K maps at every level), made
+  the paper-shape step 4-9% faster and its memory 6% (recompute: 21%) smaller (bench/README.md).
+  The concat merge scales
   the 1x1 conv's *weight* by λ_out per input-channel group (Σ_o W_o (λ_o h_o) = Σ_o (λ_o W_o) h_o), which
   costs a few thousand multiplies instead of a pass over every activation; the sum merge is one product.
 * ``naive``: one ``broadcast_mul`` per edge and ``add_n`` (the published implementation's way), kept for
@@ -63,18 +66,31 @@ def _scalar(F, lam, index):
     return F.reshape(F.slice(lam, begin=index, end=tuple(i + 1 for i in index)), shape=(1, 1, 1, 1))
 
 
-def _contract(F, matrix, rows, maps, channels):
+def _columns(F, nodes, keys, columns):
+    """The maps `nodes[k]` for k in `keys`, each as a (B, 1, C, H, W) column, made once per node.
+
+    One column serves every level that reads the node, so each node is turned plain once per block, not
+    once per reading level. `expand_dims` is a generic (non-oneDNN) operator: mxnet 1.9.1 runs it on a
+    plain copy of a map that oneDNN holds blocked, and if the memory planner gives the column the node's
+    buffer, the output goes through a temporary too, so the node's layout is never touched. A oneDNN
+    reshape of the node would reorder a buffer that other ops read, in place (it gave wrong hybridized
+    gradients in an earlier variant, bench/README.md).
+    """
+    for k in keys:
+        if k not in columns:
+            columns[k] = F.expand_dims(nodes[k], axis=1)
+    return [columns[k] for k in keys]
+
+
+def _contract(F, matrix, rows, columns, channels):
     """[Σ_k matrix[n, k] * maps[k] for n < rows]: a list of `rows` (B, C, H, W) maps (fast formulation).
 
-    The K maps are concatenated along channels and viewed as K channels of a (C*H, W) image, so the
-    contraction is one 1x1 convolution whose (rows, K) weight is `matrix`. One map is "concatenated" too:
-    the view must only ever read an array nothing else reads. On mxnet 1.9.1 + oneDNN, a reshape that
-    the memory planner runs in place reorders a blocked buffer to plain while the other readers still
-    take it for blocked: viewing the block input directly (a level pruned to it alone) gave wrong
-    gradients, hybridized only (bench/README.md).
+    The K columns (see `_columns`) are concatenated along their unit axis and viewed as K channels of a
+    (C*H, W) image, so the contraction is one 1x1 convolution whose (rows, K) weight is `matrix`.
     """
-    k = len(maps)
-    data = F.reshape(F.concat(*maps, dim=1), shape=(0, k, -1, 0))  # (B, K, C*H, W)
+    k = len(columns)
+    data = columns[0] if k == 1 else F.concat(*columns, dim=1)  # (B, K, C, H, W)
+    data = F.reshape(data, shape=(0, 0, -3, 0))  # (B, K, C*H, W)
     mixed = F.Convolution(data, F.reshape(matrix, shape=(rows, k, 1, 1)), kernel=(1, 1), num_filter=rows,
                           no_bias=True)
     mixed = F.reshape(mixed, shape=(0, rows * channels, -1, 0))  # (B, rows*C, H, W)
@@ -194,14 +210,14 @@ class MaskedBlock(PrunableBlock):
     def hybrid_forward(self, F, x, *lams, merge_weight=None):
         if self.mask.is_identity:
             return x
-        nodes = {0: x}
+        nodes, columns = {0: x}, {}
         for level, slots in self._level_slots.items():
             if level == 1:
                 inputs = [x] * len(slots)
             elif not self.searchable:
                 inputs = [_sum(F, [nodes[k] for k in self.mask.inputs[o]]) for o in slots]
             elif self.formulation == "fast":
-                inputs = self._mix_fast(F, level, slots, nodes, lams[level - 2])
+                inputs = self._mix_fast(F, level, slots, nodes, columns, lams[level - 2])
             else:
                 inputs = self._mix_naive(F, level, slots, nodes, lams[level - 2])
             for o, h in zip(slots, inputs, strict=True):
@@ -212,24 +228,26 @@ class MaskedBlock(PrunableBlock):
             if self.drop_path > 0 and self.spec.op_name(o) != "identity":
                 h = F.Dropout(h, p=self.drop_path, axes=(1, 2, 3))
             outs.append(h)
-        merged = self._merge(F, outs, lams[-1] if self.searchable else None, merge_weight)
+        # a sum merge contracts columns too: the nodes' own, unless drop-path changed the maps
+        merged = self._merge(F, outs, {} if self.drop_path > 0 else columns,
+                             lams[-1] if self.searchable else None, merge_weight)
         return merged + x if self.residual else merged
 
     def _rows(self, level, slots):
         return [o - (level - 1) * self.spec.n_ops for o in slots]
 
-    def _mix_fast(self, F, level, slots, nodes, lam):
+    def _mix_fast(self, F, level, slots, nodes, columns, lam):
         cols = sorted(set().union(*(self.mask.inputs[o] for o in slots)))
         shape = self.spec.lambda_shapes()[f"in{level}"]
         edges = [self.mask.inputs[o] for o in slots]
         matrix = _level_matrix(F, lam, shape, self._rows(level, slots), cols, edges)
-        return _contract(F, matrix, len(slots), [nodes[k] for k in cols], self.channels)
+        return _contract(F, matrix, len(slots), _columns(F, nodes, cols, columns), self.channels)
 
     def _mix_naive(self, F, level, slots, nodes, lam):
         return [_sum(F, [F.broadcast_mul(nodes[k], _scalar(F, lam, (r, k))) for k in self.mask.inputs[o]])
                 for o, r in zip(slots, self._rows(level, slots), strict=True)]
 
-    def _merge(self, F, outs, lam_out, weight):
+    def _merge(self, F, outs, columns, lam_out, weight):
         slots = self.mask.outputs
         n_slots = self.spec.num_op_slots
         fast = self.searchable and self.formulation == "fast"
@@ -239,7 +257,9 @@ class MaskedBlock(PrunableBlock):
             if not fast:
                 return _sum(F, outs)
             lam = F.reshape(_take(F, lam_out, 0, slots, n_slots), shape=(1, -1))
-            return _contract(F, lam, 1, outs, self.channels)[0]
+            keys = [o + 1 for o in slots]
+            maps = dict(zip(keys, outs, strict=True))
+            return _contract(F, lam, 1, _columns(F, maps, keys, columns), self.channels)[0]
         c = self.channels
         if self.searchable:
             weight = F.reshape(_take(F, F.reshape(weight, shape=(c, n_slots, c)), 1, slots, n_slots),

@@ -87,9 +87,9 @@ def test_fast_and_naive_networks_agree(kind, mask, hybridized):
     """The fast net as the search runs it (hybridized, static_alloc) against the imperative naive net,
     full and shrunk (`set_masks`).
 
-    Hybridized matters: viewing a map that other ops read directly in the mixing (the block input of a
-    level pruned to it alone, or every node in a per-node variant) gave exact imperative gradients and
-    wrong hybridized ones on mxnet 1.9.1 + oneDNN (dsonas.block._contract, bench/README.md). The other
+    Hybridized matters: a oneDNN reshape of a map that other ops read, in the mixing (the block input of
+    a level pruned to it alone, or every node in a per-node variant), gave exact imperative gradients and
+    wrong hybridized ones on mxnet 1.9.1 + oneDNN (dsonas.block._columns, bench/README.md). The other
     shrunk masks cover the remaining one-map paths (a level reading one op output, a merge of one op).
     """
     skeleton, spec = SHUFFLE if kind == "shuffle" else (SKELETON, SPEC)
