@@ -8,17 +8,16 @@ channels is the skip path, and a ShuffleNASNet cell outputs the plain sum of its
 
 Two formulations of the searchable block compute the same function with the same Parameters:
 
-* ``fast``: a level's mixing is ONE 1x1 convolution. Each node is made a (B, 1, C, H, W) column once per
+* ``fast``: a level's mixing is ONE 1x1 convolution. Each node becomes a (B, 1, C, H, W) column once per
   block (`_columns`); a level concatenates its K candidate columns, views them as (B, K, C*H, W) and
   convolves them with the level's (ops x K) λ matrix as a 1x1 kernel, giving every op's input at once;
   its backward is two oneDNN kernels instead of one slow reduction kernel per edge. This beat stacking
   on a new axis + ``dot`` by 1.2-1.5x on the mixing alone, and the per-op inputs are contiguous channel
-  groups of the result. Columns made once per node, rather than a view of each level's channel concat
-  (which oneDNN holds blocked, so the view cost a reorder and a copy of all K maps at every level), made
-  the paper-shape step 4-9% faster and its memory 6% (recompute: 21%) smaller (bench/README.md).
-  The concat merge scales
-  the 1x1 conv's *weight* by λ_out per input-channel group (Σ_o W_o (λ_o h_o) = Σ_o (λ_o W_o) h_o), which
-  costs a few thousand multiplies instead of a pass over every activation; the sum merge is one product.
+  groups of the result. (Viewing each level's channel concat instead, which oneDNN holds blocked, cost a
+  reorder and a copy of all K maps at every level: 4-9% of the paper-shape step, bench/README.md.)
+  The concat merge scales the 1x1 conv's *weight* by λ_out per input-channel group
+  (Σ_o W_o (λ_o h_o) = Σ_o (λ_o W_o) h_o), which costs a few thousand multiplies instead of a pass over
+  every activation; the sum merge is one product.
 * ``naive``: one ``broadcast_mul`` per edge and ``add_n`` (the published implementation's way), kept for
   the benchmark and the equivalence test.
 
@@ -83,7 +82,7 @@ def _columns(F, nodes, keys, columns):
 
 
 def _contract(F, matrix, rows, columns, channels):
-    """[Σ_k matrix[n, k] * maps[k] for n < rows]: a list of `rows` (B, C, H, W) maps (fast formulation).
+    """[Σ_k matrix[n, k] * columns[k] for n < rows]: a list of `rows` (B, C, H, W) maps (fast formulation).
 
     The K columns (see `_columns`) are concatenated along their unit axis and viewed as K channels of a
     (C*H, W) image, so the contraction is one 1x1 convolution whose (rows, K) weight is `matrix`.

@@ -1,3 +1,5 @@
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -200,6 +202,18 @@ def test_fast_and_naive_formulations_agree(merge, ops, pruned):
                 for n, o in enumerate(spec.level_slots(level)):
                     dead = [k for k in spec.candidate_inputs(o) if k not in mask.inputs[o]]
                     assert not grad[n, dead].any(), (key, n)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fast_mixing_makes_each_node_a_column_once(pruned):
+    """Every node a level mixes is turned into a column once per block, however many levels read it."""
+    spec = spec_of()
+    mask = pruned_mask(spec) if pruned else BlockMask.full(spec)
+    block = make_block(spec, mask)
+    lams = [mx.sym.var(key) for key in spec.lambda_keys()]
+    nodes = json.loads(block(mx.sym.var("data"), *lams).tojson())["nodes"]
+    mixed = {k for o in mask.live_slots() if spec.level_of(o) > 1 for k in mask.inputs[o]}
+    assert sum(n["op"] == "expand_dims" for n in nodes) == len(mixed) > 0
 
 
 def test_hybridized_block_equals_imperative():
