@@ -128,11 +128,6 @@ def matmul_gflops(n=2048, repeats=5):
     return result
 
 
-def peak_gflops(n=2048, repeats=5):
-    """The machine's measured fp32 peak (GFLOP/s): the faster of the two matrix-product paths."""
-    return max(matmul_gflops(n, repeats).values())
-
-
 def _status_mb(field):
     """A memory field of /proc/self/status (kB) in MB."""
     with open("/proc/self/status") as f:
