@@ -114,18 +114,10 @@ def matmul_gflops(n=2048, repeats=5):
 
     a = mx.nd.random.uniform(shape=(n, n))
     b = mx.nd.random.uniform(shape=(n, n))
-    paths = {"dot": lambda: mx.nd.dot(a, b),
-             "fully_connected": lambda: mx.nd.FullyConnected(a, b, num_hidden=n, no_bias=True)}
-    result = {}
-    for name, product in paths.items():
-        product().wait_to_read()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            product().wait_to_read()
-            times.append(time.perf_counter() - t)
-        result[name] = 2.0 * n ** 3 / statistics.median(times) / 1e9
-    return result
+    paths = {"dot": lambda: mx.nd.dot(a, b).wait_to_read(),
+             "fully_connected": lambda: mx.nd.FullyConnected(a, b, num_hidden=n, no_bias=True).wait_to_read()}
+    medians, _ = interleaved(paths, repeats)
+    return {name: 2.0 * n ** 3 / seconds / 1e9 for name, seconds in medians.items()}
 
 
 def _status_mb(field):
